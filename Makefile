@@ -1,0 +1,25 @@
+# The two documented entry points: `make demo` (a small real training run) and `make test` (both lanes).
+# Each builds its virtual environment on first use (scripts/ensure_venv.sh), cached outside the clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-main test-xla venv-main venv-xla
+
+demo:
+	venv=$$(scripts/ensure_venv.sh main); PYTHONPATH=$(CURDIR) $$venv/bin/python examples/demo.py
+
+test: test-main test-xla
+
+# Main lane: the whole suite on torch 2.13 CPU, jax 0.10, transformers 5.x.
+test-main:
+	venv=$$(scripts/ensure_venv.sh main); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q $(PYTEST_ARGS)
+
+# XLA lane: the Colab TPU runtime's stack (torch/torch_xla 2.9, jax 0.7.2, transformers 5.15).
+test-xla:
+	venv=$$(scripts/ensure_venv.sh xla); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
+venv-main:
+	scripts/ensure_venv.sh main
+venv-xla:
+	scripts/ensure_venv.sh xla

@@ -1,0 +1,110 @@
+"""The Backend protocol: the only surface between the Trainer front and a device stack.
+
+The front owns the one training loop (epochs, accumulation windows, strategies, callbacks,
+checkpoint layout and rotation). A backend owns device placement, the compiled steps and state I/O.
+Nothing here imports torch or jax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+HostBatch = dict[str, np.ndarray]
+
+
+class StepMetrics(NamedTuple):
+    """What one optimizer step reports. Device values stay on device until the front logs.
+
+    Attributes:
+        loss: device scalar, the window's loss as HF reports it (sum of the per-micro-batch losses
+            used for backward).
+        grad_norm: device scalar (pre-clipping global norm), or None.
+        learning_rate: the learning rate this step used (a host float: it comes from the schedule,
+            not from the device).
+    """
+
+    loss: Any
+    grad_norm: Any
+    learning_rate: float
+
+
+class EvalOutput(NamedTuple):
+    """One evaluation batch: backend-native arrays (the front calls preprocess_logits_for_metrics on them)."""
+
+    loss: Any
+    logits: Any
+    labels: Any
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the Trainer front needs from a device stack.
+
+    Lifecycle: `prepare` once per Trainer; `init_state` once per `train()`; then `shard_batch` +
+    `train_step` in the hot loop; `save`/`restore` at checkpoints; `export_model` for save_model;
+    `finalize` hands the trained weights back to the user's model object.
+    """
+
+    name: str
+    #: data-parallel processes the host pipeline splits batches over, and this one's index
+    num_processes: int
+    process_index: int
+    #: devices along the batch-sharding axes on this process (multiplies the per-device batch)
+    local_batch_devices: int
+
+    def prepare(self, model: Any, args: Any, *, compute_loss_func: Any = None) -> Any:
+        """Places the model on devices; returns the model object the Trainer exposes as `trainer.model`."""
+
+    def model_input_names(self) -> list[str] | None:
+        """Argument names the model's forward accepts (for remove_unused_columns), or None if unknown."""
+
+    def default_label_names(self) -> list[str]:
+        """Label argument names of the model (HF's find_labels)."""
+
+    def counts_label_items(self) -> tuple[bool, bool]:
+        """(whether the loss is normalised by num_items_in_batch, whether it shifts labels)."""
+
+    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> Any:
+        """Builds optimizer and lr schedule state for a training run of num_training_steps."""
+
+    def shard_batch(self, batch: HostBatch) -> Any:
+        """Moves one host micro-batch to the device(s); may run ahead of use."""
+
+    def train_step(self, state: Any, window: Sequence[Any], num_items_in_batch: int | None) -> tuple[Any, StepMetrics]:
+        """One optimizer step over an accumulation window of device micro-batches."""
+
+    def eval_step(self, state: Any, batch: Any, prediction_loss_only: bool, ignore_keys: list[str] | None, label_names: list[str]) -> EvalOutput:
+        """Forward pass without gradients; returns loss (or None), logits (or None), labels (or None)."""
+
+    def to_host(self, tree: Any) -> Any:
+        """Device arrays (nested) -> numpy, with one synchronisation for the whole tree."""
+
+    def repeat_scalar(self, value: Any, times: int) -> Any:
+        """A device scalar repeated `times` times (eval losses are weighted per example, as in HF)."""
+
+    def all_sum(self, value: int) -> int:
+        """Sums a host integer over all data-parallel processes."""
+
+    def on_eval_metric(self, state: Any, value: float) -> None:
+        """Feeds an evaluation metric to metric-driven schedules (reduce_lr_on_plateau)."""
+
+    def save(self, state: Any, directory: str, *, save_only_model: bool = False) -> None:
+        """Writes model, optimizer, schedule and RNG state into an (unpublished) checkpoint directory."""
+
+    def restore(self, state: Any, directory: str) -> Any:
+        """Reads what `save` wrote (or what transformers' Trainer wrote) and returns the state."""
+
+    def load_model_weights(self, state: Any, directory: str) -> None:
+        """Loads only the model weights of a checkpoint (load_best_model_at_end)."""
+
+    def export_model(self, state: Any, directory: str) -> None:
+        """Writes the model in its own library's format (e.g. save_pretrained) for use elsewhere."""
+
+    def finalize(self, state: Any) -> Any:
+        """Makes the user's model object hold the trained weights; returns it."""
+
+    def barrier(self) -> None:
+        """Waits for every process (no-op on one process)."""

@@ -1,0 +1,86 @@
+"""Backend names -> implementations, and `backend="auto"` resolution.
+
+Only backends whose dependencies import are offered; "auto" picks from the model's kind and the
+accelerators present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+_KNOWN = ("jax", "torch", "torch_xla")
+
+
+def _torch_backend_factory():
+    from .torch.backend import TorchBackend
+
+    return TorchBackend
+
+
+# name -> (required importable modules, factory returning the Backend class)
+_REGISTRY: dict[str, tuple[tuple[str, ...], Callable[[], type]]] = {
+    "torch": (("torch",), _torch_backend_factory),
+}
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_backends() -> list[str]:
+    """Registered backends whose dependencies are installed here."""
+    return [name for name, (deps, _) in _REGISTRY.items() if all(_importable(d) for d in deps)]
+
+
+def model_kind(model: Any) -> str:
+    """'torch' for torch.nn.Module, 'flax' for Flax NNX/linen modules, else 'unknown'."""
+    for klass in type(model).__mro__:
+        module = klass.__module__ or ""
+        if module.startswith("torch.nn") and klass.__name__ == "Module":
+            return "torch"
+        if module.startswith("flax."):
+            return "flax"
+    return "unknown"
+
+
+def resolve_backend_name(requested: str, model: Any) -> str:
+    """The backend for `requested` ("auto" or a name) and this model.
+
+    Raises:
+        ValueError: unknown name, a backend not available here, or no backend for this model.
+    """
+    requested = str(requested or "auto")
+    if requested != "auto":
+        if requested not in _KNOWN:
+            raise ValueError(f"backend={requested!r} is unknown; choose one of: 'auto', {', '.join(map(repr, _KNOWN))}.")
+        if requested not in _REGISTRY:
+            raise ValueError(
+                f"backend={requested!r} is not available in this version of xtrainer; "
+                f"available: {', '.join(available_backends()) or 'none'}."
+            )
+        deps = _REGISTRY[requested][0]
+        missing = [d for d in deps if not _importable(d)]
+        if missing:
+            raise ValueError(
+                f"backend={requested!r} needs {', '.join(missing)}, which is not installed: "
+                f"pip install 'xtrainer[{requested.split('_')[0]}]'."
+            )
+        return requested
+    kind = model_kind(model)
+    if kind == "torch" and "torch" in available_backends():
+        return "torch"
+    if kind == "flax" and "jax" in available_backends():
+        return "jax"
+    raise ValueError(
+        f"backend='auto' found no backend for a {type(model).__name__} (a {kind} model); "
+        f"available backends: {', '.join(available_backends()) or 'none'}. Pass backend=... explicitly."
+    )
+
+
+def get_backend(name: str) -> Any:
+    """A fresh instance of the named backend."""
+    if name not in _REGISTRY:
+        raise ValueError(f"backend={name!r} is not registered; available: {', '.join(available_backends())}.")
+    return _REGISTRY[name][1]()()

@@ -1,0 +1,1 @@
+"""The native PyTorch backend (eager / torch.compile, amp, DDP, FSDP2)."""

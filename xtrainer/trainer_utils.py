@@ -1,0 +1,181 @@
+"""Small shared types of the public API: enums, prediction/eval containers, seeding, checkpoint lookup.
+
+Names and string values mirror transformers 5.x so that scripts and saved JSON stay interchangeable.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import random
+import re
+from typing import Any, NamedTuple
+
+import numpy as np
+
+PREFIX_CHECKPOINT_DIR = "checkpoint"
+_CHECKPOINT_RE = re.compile(r"^" + PREFIX_CHECKPOINT_DIR + r"-(\d+)$")
+
+
+class ExplicitEnum(str, enum.Enum):
+    """A string enum whose lookup error lists the valid values."""
+
+    @classmethod
+    def _missing_(cls, value):
+        valid = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{value!r} is not a valid {cls.__name__}; choose one of: {valid}")
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class IntervalStrategy(ExplicitEnum):
+    NO = "no"
+    STEPS = "steps"
+    EPOCH = "epoch"
+
+
+class SaveStrategy(ExplicitEnum):
+    NO = "no"
+    STEPS = "steps"
+    EPOCH = "epoch"
+    BEST = "best"
+
+
+class SchedulerType(ExplicitEnum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    COSINE_WITH_RESTARTS = "cosine_with_restarts"
+    POLYNOMIAL = "polynomial"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+    INVERSE_SQRT = "inverse_sqrt"
+    REDUCE_ON_PLATEAU = "reduce_lr_on_plateau"
+    COSINE_WITH_MIN_LR = "cosine_with_min_lr"
+    WARMUP_STABLE_DECAY = "warmup_stable_decay"
+
+
+class OptimizerNames(ExplicitEnum):
+    """The optimizer names xtrainer implements (a subset of transformers' list)."""
+
+    ADAMW_TORCH = "adamw_torch"
+    ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    ADAFACTOR = "adafactor"
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    RMSPROP = "rmsprop"
+    LION = "lion_32bit"
+    # Short aliases accepted for convenience; the JAX backend maps the same names to optax.
+    ADAMW = "adamw"
+    LION_SHORT = "lion"
+
+
+class TrainSamplingStrategy(ExplicitEnum):
+    RANDOM = "random"
+    SEQUENTIAL = "sequential"
+    GROUP_BY_LENGTH = "group_by_length"
+
+
+class EvalPrediction:
+    """Predictions, label ids and (optionally) inputs of an evaluation, as handed to `compute_metrics`.
+
+    Unpacks like a tuple: `preds, labels = eval_pred` (plus inputs/losses when present).
+    """
+
+    def __init__(self, predictions, label_ids, inputs=None, losses=None):
+        self.predictions = predictions
+        self.label_ids = label_ids
+        self.inputs = inputs
+        self.losses = losses
+        self.elements = (predictions, label_ids)
+        if inputs is not None:
+            self.elements += (inputs,)
+        if losses is not None:
+            self.elements += (losses,)
+
+    def __iter__(self):
+        return iter(self.elements)
+
+    def __getitem__(self, idx):
+        return self.elements[idx]
+
+    def __len__(self):
+        return len(self.elements)
+
+
+class EvalLoopOutput(NamedTuple):
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, float] | None
+    num_samples: int | None
+
+
+class PredictionOutput(NamedTuple):
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, float] | None
+
+
+class TrainOutput(NamedTuple):
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seeds python, numpy and (when installed) torch, so model init and dropout are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step number in a `checkpoint-N` directory name, or None for any other name."""
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def sorted_checkpoints(output_dir: str) -> list[str]:
+    """Complete `checkpoint-N` directories under output_dir, oldest step first.
+
+    Temporary directories of a save in progress never match the name pattern, so a crash during a
+    save cannot make a partial checkpoint show up here.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        step = checkpoint_step(name)
+        path = os.path.join(output_dir, name)
+        if step is not None and os.path.isdir(path):
+            found.append((step, path))
+    return [path for _, path in sorted(found)]
+
+
+def get_last_checkpoint(folder: str) -> str | None:
+    """The newest `checkpoint-N` directory in folder, or None."""
+    checkpoints = sorted_checkpoints(folder)
+    return checkpoints[-1] if checkpoints else None
+
+
+def denumpify_detensorize(metrics):
+    """Turns numpy/torch/jax scalars in a (nested) metrics container into python numbers."""
+    if isinstance(metrics, (list, tuple)):
+        return type(metrics)(denumpify_detensorize(m) for m in metrics)
+    if isinstance(metrics, dict):
+        return type(metrics)({k: denumpify_detensorize(v) for k, v in metrics.items()})
+    if isinstance(metrics, np.generic):
+        return metrics.item()
+    if hasattr(metrics, "item") and getattr(metrics, "size", getattr(metrics, "numel", lambda: 0)) in (1,):
+        return metrics.item()
+    if hasattr(metrics, "numel") and metrics.numel() == 1:
+        return metrics.item()
+    return metrics

@@ -1,0 +1,625 @@
+"""`TrainingArguments` and `Seq2SeqTrainingArguments`: the run configuration a `Trainer` reads.
+
+Field names, defaults and string values follow transformers 5.x, so scripts written for the Hugging Face
+Trainer (and `HfArgumentParser` command lines, and saved `training_args` JSON) keep working. A few names that
+transformers 4.x accepted and 5.x removed are still accepted here with a `DeprecationWarning` and mapped onto
+their 5.x replacement. xtrainer adds the fields that pick a backend and describe the device mesh.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .trainer_utils import (
+    IntervalStrategy,
+    OptimizerNames,
+    SaveStrategy,
+    SchedulerType,
+    TrainSamplingStrategy,
+)
+
+logger = logging.getLogger(__name__)
+
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "passive": -1,
+}
+BACKENDS = ("auto", "jax", "torch", "torch_xla")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# v4 names removed in transformers 5 that are still accepted; they are reset to None once mapped, and left
+# out of `to_dict()`. `logging_dir` and `gradient_checkpointing*` stay real attributes.
+_REMOVED_ALIASES = (
+    "warmup_ratio",
+    "evaluation_strategy",
+    "group_by_length",
+    "tpu_num_cores",
+    "overwrite_output_dir",
+    "no_cuda",
+)
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def _flag_help(text: str) -> dict:
+    # `bool | None` fields: a bare `--flag` on the command line means True (as transformers does).
+    return {"help": text, "nargs": "?", "const": True}
+
+
+def _coerce_json_strings(value):
+    """Turns "true"/"1"/"0.5" strings inside a JSON-parsed dict into bool/int/float, as transformers does."""
+    if isinstance(value, dict):
+        return {k: _coerce_json_strings(v) for k, v in value.items()}
+    if isinstance(value, str):
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if value.isdigit():
+            return int(value)
+        if value.replace(".", "", 1).isdigit():
+            return float(value)
+    return value
+
+
+def _to_enum(enum_cls, value, arg: str):
+    try:
+        return enum_cls(value)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"`{arg}`={value!r} is not supported; choose one of: {valid}.") from None
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"`{old}` is deprecated (removed in transformers 5); use `{new}` instead.", DeprecationWarning, stacklevel=5
+    )
+
+
+@dataclass
+class TrainingArguments:
+    """The arguments of a training/evaluation run, named and defaulted as in transformers 5.x.
+
+    Extra xtrainer fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`.
+    Dict-typed fields also accept a JSON string (as on the command line).
+    """
+
+    _DICT_FIELDS = (
+        "lr_scheduler_kwargs",
+        "fsdp_config",
+        "activation_checkpointing_kwargs",
+        "gradient_checkpointing_kwargs",
+    )
+
+    # --- Output / script flags ---
+    output_dir: str | None = field(default=None, metadata=_help("Where checkpoints and outputs are written."))
+    do_train: bool = field(default=False, metadata=_help("Run training (read by scripts, not the Trainer)."))
+    do_eval: bool = field(default=False, metadata=_help("Run evaluation (read by scripts, not the Trainer)."))
+    do_predict: bool = field(default=False, metadata=_help("Run prediction (read by scripts, not the Trainer)."))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help("Checkpoint folder to resume from."))
+
+    # --- Duration and batch size ---
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Training batch size per device."))
+    per_device_eval_batch_size: int = field(default=8, metadata=_help("Evaluation batch size per device."))
+    num_train_epochs: float = field(default=3.0, metadata=_help("Total number of training epochs."))
+    max_steps: int = field(default=-1, metadata=_help("If > 0: total optimizer steps; overrides num_train_epochs."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches accumulated per update."))
+    eval_accumulation_steps: int | None = field(
+        default=None, metadata=_help("Eval steps to accumulate on device before moving outputs to the host.")
+    )
+    average_tokens_across_devices: bool = field(
+        default=True, metadata=_help("Average the token count across devices for the loss normalisation.")
+    )
+
+    # --- Optimizer and schedule ---
+    learning_rate: float = field(default=5e-5, metadata=_help("Initial learning rate."))
+    lr_scheduler_type: SchedulerType | str = field(default="linear", metadata=_help("Learning rate schedule."))
+    lr_scheduler_kwargs: dict | str | None = field(default=None, metadata=_help("Extra scheduler arguments."))
+    warmup_steps: float = field(
+        default=0, metadata=_help("Warmup steps; a float in (0, 1) is a ratio of the total steps.")
+    )
+    optim: OptimizerNames | str = field(default="adamw_torch_fused", metadata=_help("Optimizer to use."))
+    optim_args: str | None = field(default=None, metadata=_help("Extra optimizer arguments, 'k1=v1,k2=v2'."))
+    weight_decay: float = field(default=0.0, metadata=_help("Weight decay (not applied to biases and norms)."))
+    adam_beta1: float = field(default=0.9, metadata=_help("Adam beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("Adam beta2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("Adam epsilon."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables clipping."))
+    label_smoothing_factor: float = field(default=0.0, metadata=_help("Label smoothing; 0 disables it."))
+
+    # --- Precision ---
+    bf16: bool = field(default=False, metadata=_help("bfloat16 mixed precision."))
+    fp16: bool = field(default=False, metadata=_help("float16 mixed precision."))
+    bf16_full_eval: bool = field(default=False, metadata=_help("Evaluate fully in bfloat16."))
+    fp16_full_eval: bool = field(default=False, metadata=_help("Evaluate fully in float16."))
+    tf32: bool | None = field(default=None, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
+
+    # --- Activation checkpointing and compilation ---
+    activation_checkpointing: bool | None = field(
+        default=None, metadata=_flag_help("Recompute activations in the backward pass to save memory.")
+    )
+    activation_checkpointing_kwargs: dict | str | None = field(
+        default=None, metadata=_help("Options for activation checkpointing.")
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata=_flag_help("Deprecated alias of `activation_checkpointing`.")
+    )
+    gradient_checkpointing_kwargs: dict | str | None = field(
+        default=None, metadata=_help("Deprecated alias of `activation_checkpointing_kwargs`.")
+    )
+    torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile (torch)."))
+    torch_compile_backend: str | None = field(default=None, metadata=_help("torch.compile backend; implies it."))
+    torch_compile_mode: str | None = field(default=None, metadata=_help("torch.compile mode; implies it."))
+
+    # --- Logging ---
+    logging_strategy: IntervalStrategy | str = field(default="steps", metadata=_help("When to log: no/steps/epoch."))
+    logging_steps: float = field(default=500, metadata=_help("Log every N steps; (0, 1) is a ratio of total."))
+    logging_first_step: bool = field(default=False, metadata=_help("Also log the first step."))
+    log_on_each_node: bool = field(default=True, metadata=_help("Log from the main process of every node."))
+    logging_nan_inf_filter: bool = field(default=True, metadata=_help("Skip NaN/inf losses when logging."))
+    include_num_input_tokens_seen: str | bool = field(
+        default="no", metadata=_help("Track input tokens seen: 'all', 'non_padding' or 'no'.")
+    )
+    log_level: str = field(
+        default="passive", metadata=_help("Log level of the main process.", choices=list(LOG_LEVELS))
+    )
+    log_level_replica: str = field(
+        default="warning", metadata=_help("Log level of replica processes.", choices=list(LOG_LEVELS))
+    )
+    disable_tqdm: bool | None = field(default=None, metadata=_help("Disable progress bars."))
+    report_to: None | str | list[str] = field(
+        default="none", metadata=_help("Integrations to report to; 'all' or 'none'.")
+    )
+    run_name: str | None = field(default=None, metadata=_help("Run name for the reporting integrations."))
+
+    # --- Evaluation ---
+    eval_strategy: IntervalStrategy | str = field(default="no", metadata=_help("When to evaluate: no/steps/epoch."))
+    eval_steps: float | None = field(default=None, metadata=_help("Evaluate every N steps; defaults to logging_steps."))
+    eval_delay: float = field(default=0, metadata=_help("Epochs or steps to wait before the first evaluation."))
+    prediction_loss_only: bool = field(default=False, metadata=_help("Only return the loss when evaluating."))
+    eval_on_start: bool = field(default=False, metadata=_help("Evaluate once before training starts."))
+    eval_do_concat_batches: bool = field(default=True, metadata=_help("Concatenate eval outputs across batches."))
+    include_for_metrics: list[str] = field(
+        default_factory=list, metadata=_help("Extra data for compute_metrics: 'inputs', 'loss'.")
+    )
+    batch_eval_metrics: bool = field(default=False, metadata=_help("Compute metrics batch by batch."))
+
+    # --- Saving ---
+    save_strategy: SaveStrategy | str = field(default="steps", metadata=_help("When to save: no/steps/epoch/best."))
+    save_steps: float = field(default=500, metadata=_help("Save every N steps; (0, 1) is a ratio of total."))
+    save_total_limit: int | None = field(default=None, metadata=_help("Keep at most N checkpoints."))
+    save_only_model: bool = field(default=False, metadata=_help("Save weights only (no optimizer/RNG state)."))
+    save_on_each_node: bool = field(default=False, metadata=_help("Save on every node, not only the main one."))
+    load_best_model_at_end: bool = field(default=False, metadata=_help("Load the best checkpoint after training."))
+    metric_for_best_model: str | None = field(default=None, metadata=_help("Metric that ranks checkpoints."))
+    greater_is_better: bool | None = field(default=None, metadata=_help("Whether a larger metric is better."))
+    ignore_data_skip: bool = field(default=False, metadata=_help("Do not fast-forward the data when resuming."))
+    restore_callback_states_from_checkpoint: bool = field(
+        default=False, metadata=_help("Restore callback states saved in the checkpoint.")
+    )
+
+    # --- Reproducibility and hardware ---
+    seed: int = field(default=42, metadata=_help("Random seed set at the start of training."))
+    data_seed: int | None = field(default=None, metadata=_help("Seed of the data samplers; defaults to seed."))
+    full_determinism: bool = field(default=False, metadata=_help("Deterministic algorithms (slow; debugging)."))
+    use_cpu: bool = field(default=False, metadata=_help("Run on CPU even when an accelerator is present."))
+
+    # --- Data loading ---
+    dataloader_drop_last: bool = field(default=False, metadata=_help("Drop the last incomplete batch."))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data loading worker processes."))
+    dataloader_pin_memory: bool = field(default=True, metadata=_help("Pin host memory in the DataLoader."))
+    dataloader_persistent_workers: bool = field(default=False, metadata=_help("Keep workers alive across epochs."))
+    dataloader_prefetch_factor: int | None = field(default=None, metadata=_help("Batches prefetched per worker."))
+    remove_unused_columns: bool = field(default=True, metadata=_help("Drop columns the model does not take."))
+    label_names: list[str] | None = field(default=None, metadata=_help("Input keys that hold the labels."))
+    train_sampling_strategy: TrainSamplingStrategy | str = field(
+        default="random", metadata=_help("Training sampler: random, sequential or group_by_length.")
+    )
+    length_column_name: str = field(default="length", metadata=_help("Precomputed length column."))
+
+    # --- Distributed ---
+    local_rank: int = field(default=-1, metadata=_help("Set by old launchers; prefer the LOCAL_RANK variable."))
+    ddp_backend: str | None = field(
+        default=None,
+        metadata=_help("torch.distributed backend.", choices=["nccl", "gloo", "mpi", "xccl", "hccl", "cncl", "mccl"]),
+    )
+    ddp_timeout: int = field(default=1800, metadata=_help("Process group timeout in seconds."))
+    ddp_find_unused_parameters: bool | None = field(default=None, metadata=_help("DDP find_unused_parameters."))
+    fsdp: str | None = field(default=None, metadata=_flag_help("Enable FSDP (torch backends)."))
+    fsdp_config: dict | str | None = field(default=None, metadata=_help("FSDP options: a dict or JSON file path."))
+    skip_memory_metrics: bool = field(default=True, metadata=_help("Skip memory profiling metrics."))
+
+    # --- xtrainer ---
+    backend: str = field(default="auto", metadata=_help("Training backend.", choices=list(BACKENDS)))
+    mesh: dict | str | None = field(
+        default=None, metadata=_help('Device mesh axis sizes, e.g. {"data": -1, "fsdp": 1, "tensor": 1}.')
+    )
+    tpu_config: str | None = field(default=None, metadata=_help("Name of a TPU preset."))
+    sharding_rules: list | str | None = field(
+        default=None, metadata=_help("[[param_regex, partition_spec], ...] rules for parameter sharding.")
+    )
+    jax_compilation_cache_dir: str | None = field(default=None, metadata=_help("Persistent JAX compile cache."))
+
+    # --- v4 names (deprecated) ---
+    warmup_ratio: float | None = field(default=None, metadata=_help("Deprecated: use warmup_steps < 1."))
+    evaluation_strategy: str | None = field(default=None, metadata=_help("Deprecated: use eval_strategy."))
+    group_by_length: bool | None = field(
+        default=None, metadata=_flag_help("Deprecated: use train_sampling_strategy='group_by_length'.")
+    )
+    tpu_num_cores: int | None = field(default=None, metadata=_help('Deprecated: use mesh={"data": N}.'))
+    overwrite_output_dir: bool | None = field(default=None, metadata=_flag_help("Deprecated: has no effect."))
+    no_cuda: bool | None = field(default=None, metadata=_flag_help("Deprecated: use use_cpu."))
+    logging_dir: str | None = field(default=None, metadata=_help("Deprecated: TensorBoard log directory."))
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+            logger.info("No output_dir given; using 'trainer_output'.")
+        self.output_dir = os.path.expanduser(str(self.output_dir))
+
+        for name in self._DICT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lstrip().startswith("{"):
+                setattr(self, name, _coerce_json_strings(json.loads(value)))
+
+        self._map_deprecated()
+
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = False
+        self.gradient_checkpointing = self.activation_checkpointing
+        self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
+
+        if self.disable_tqdm is None:
+            self.disable_tqdm = logger.getEffectiveLevel() > logging.WARNING
+        if isinstance(self.include_num_input_tokens_seen, bool):
+            self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
+        if isinstance(self.fsdp, str) and self.fsdp.lower() in ("true", "false", ""):
+            self.fsdp = self.fsdp.lower() == "true" or None
+
+        self.eval_strategy = _to_enum(IntervalStrategy, self.eval_strategy, "eval_strategy")
+        self.logging_strategy = _to_enum(IntervalStrategy, self.logging_strategy, "logging_strategy")
+        self.save_strategy = _to_enum(SaveStrategy, self.save_strategy, "save_strategy")
+        self.lr_scheduler_type = _to_enum(SchedulerType, self.lr_scheduler_type, "lr_scheduler_type")
+        self.optim = _to_enum(OptimizerNames, self.optim, "optim")
+        self.train_sampling_strategy = _to_enum(
+            TrainSamplingStrategy, self.train_sampling_strategy, "train_sampling_strategy"
+        )
+
+        if not self.do_eval and self.eval_strategy != IntervalStrategy.NO:
+            self.do_eval = True
+        if self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:
+            if not self.logging_steps or self.logging_steps <= 0:
+                raise ValueError("eval_strategy='steps' needs a positive `eval_steps` (or `logging_steps`).")
+            self.eval_steps = self.logging_steps
+        needs_metric = self.load_best_model_at_end or self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU
+        if needs_metric and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+
+        if self.report_to in (None, "none", ["none"]):
+            self.report_to = []
+        elif isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        else:
+            self.report_to = list(self.report_to)
+
+        if (self.torch_compile_backend is not None or self.torch_compile_mode is not None) and not self.torch_compile:
+            self.torch_compile = True
+        if self.torch_compile and self.torch_compile_backend is None:
+            self.torch_compile_backend = "inductor"
+        if self.use_cpu:
+            self.dataloader_pin_memory = False
+
+        self.mesh = self._parse_mesh(self.mesh)
+        self.sharding_rules = self._parse_sharding_rules(self.sharding_rules)
+        self._validate()
+
+    # ------------------------------------------------------------------ deprecated v4 names
+    def _map_deprecated(self) -> None:
+        if self.warmup_ratio is not None:
+            _deprecated("warmup_ratio", "warmup_steps (a float in [0, 1) is a ratio of the total steps)")
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"`warmup_ratio` must be in [0, 1), got {self.warmup_ratio}; set `warmup_steps`.")
+            if self.warmup_steps:
+                logger.warning("Both warmup_steps and warmup_ratio given; warmup_steps wins (as in transformers 4).")
+            else:
+                self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            _deprecated("evaluation_strategy", "eval_strategy")
+            new = _to_enum(IntervalStrategy, self.evaluation_strategy, "evaluation_strategy")
+            if IntervalStrategy(self.eval_strategy) not in (IntervalStrategy.NO, new):
+                raise ValueError(
+                    f"`evaluation_strategy`={new.value!r} conflicts with `eval_strategy`="
+                    f"{str(self.eval_strategy)!r}; pass only `eval_strategy`."
+                )
+            self.eval_strategy = new
+        if self.group_by_length is not None:
+            _deprecated("group_by_length", "train_sampling_strategy='group_by_length'")
+            if self.group_by_length:
+                if str(self.train_sampling_strategy) not in ("random", "group_by_length"):
+                    raise ValueError(
+                        "`group_by_length`=True conflicts with `train_sampling_strategy`="
+                        f"{str(self.train_sampling_strategy)!r}; pass only `train_sampling_strategy`."
+                    )
+                self.train_sampling_strategy = "group_by_length"
+        if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
+            _deprecated("gradient_checkpointing", "activation_checkpointing")
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is not None:
+            _deprecated("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        if self.tpu_num_cores is not None:
+            _deprecated("tpu_num_cores", 'mesh={"data": N}')
+            if self.mesh is not None:
+                raise ValueError("`tpu_num_cores` and `mesh` were both given; pass only `mesh`.")
+            self.mesh = {"data": self.tpu_num_cores}
+        if self.overwrite_output_dir is not None:
+            _deprecated("overwrite_output_dir", "nothing (it has no effect; checkpoints are resumed explicitly)")
+        if self.no_cuda is not None:
+            _deprecated("no_cuda", "use_cpu")
+            self.use_cpu = self.use_cpu or bool(self.no_cuda)
+        if self.logging_dir is not None:
+            _deprecated("logging_dir", "the TENSORBOARD_LOGGING_DIR environment variable (still honoured here)")
+            self.logging_dir = os.path.expanduser(self.logging_dir)
+        for name in _REMOVED_ALIASES:
+            setattr(self, name, None)
+
+    # ------------------------------------------------------------------ xtrainer fields
+    @staticmethod
+    def _parse_mesh(mesh):
+        if mesh is None:
+            return None
+        if isinstance(mesh, str):
+            try:
+                mesh = json.loads(mesh)
+            except json.JSONDecodeError:
+                raise ValueError(f'`mesh` must be a dict or JSON like \'{{"data": -1}}\', got {mesh!r}.') from None
+        if not isinstance(mesh, dict):
+            raise ValueError(f"`mesh` must map axis names to sizes, got {mesh!r}.")
+        mesh = _coerce_json_strings(dict(mesh))
+        unknown = sorted(set(mesh) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"`mesh` has unknown axes {unknown}; allowed axes are {list(MESH_AXES)}.")
+        for axis, size in mesh.items():
+            if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+                raise ValueError(f"`mesh` axis {axis!r} must be a positive int or -1 (the rest), got {size!r}.")
+        if sum(size == -1 for size in mesh.values()) > 1:
+            raise ValueError(f"`mesh` may use -1 for at most one axis, got {mesh}.")
+        return mesh
+
+    @staticmethod
+    def _parse_sharding_rules(rules):
+        if rules is None:
+            return None
+        if isinstance(rules, str):
+            try:
+                rules = json.loads(rules)
+            except json.JSONDecodeError:
+                raise ValueError(f"`sharding_rules` must be a list or a JSON string, got {rules!r}.") from None
+        if not isinstance(rules, (list, tuple)):
+            raise ValueError("`sharding_rules` must be a list of [regex, partition_spec] pairs.")
+        parsed = []
+        for rule in rules:
+            if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+                raise ValueError(f"`sharding_rules` entries must be [regex, partition_spec] pairs, got {rule!r}.")
+            try:
+                re.compile(rule[0])
+            except re.error as err:
+                raise ValueError(f"`sharding_rules` pattern {rule[0]!r} is not a valid regex: {err}.") from None
+            spec = rule[1]
+            if not isinstance(spec, (list, tuple)) or not all(
+                s is None or isinstance(s, str) or (isinstance(s, (list, tuple)) and all(isinstance(a, str) for a in s))
+                for s in spec
+            ):
+                raise ValueError(
+                    f"`sharding_rules` partition spec for {rule[0]!r} must be a list of axis names/None, got {spec!r}."
+                )
+            parsed.append([rule[0], [list(s) if isinstance(s, tuple) else s for s in spec]])
+        return parsed
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def fail(msg):
+            raise ValueError(msg)
+
+        if self.backend not in BACKENDS:
+            fail(f"`backend`={self.backend!r} is not supported; choose one of: {', '.join(BACKENDS)}.")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                fail(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
+            fail(f"`eval_accumulation_steps` must be >= 1 or None, got {self.eval_accumulation_steps}.")
+        if self.max_steps < -1 or self.max_steps != int(self.max_steps):
+            fail(f"`max_steps` must be a non-negative integer or -1 (use num_train_epochs), got {self.max_steps}.")
+        if self.num_train_epochs < 0:
+            fail(f"`num_train_epochs` must be >= 0, got {self.num_train_epochs}.")
+        if self.warmup_steps < 0:
+            fail(f"`warmup_steps` must be >= 0 (a float < 1 is a ratio), got {self.warmup_steps}.")
+        if self.eval_delay < 0:
+            fail(f"`eval_delay` must be >= 0, got {self.eval_delay}.")
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            fail(f"`save_total_limit` must be >= 0 or None, got {self.save_total_limit}.")
+        if self.logging_strategy == IntervalStrategy.STEPS and self.logging_steps == 0:
+            fail("logging_strategy='steps' requires a non-zero `logging_steps`.")
+        for name, strategy in (
+            ("logging_steps", self.logging_strategy),
+            ("eval_steps", self.eval_strategy),
+            ("save_steps", self.save_strategy),
+        ):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value < 0:
+                fail(f"`{name}` must be >= 0 (a float in (0, 1) is a ratio of the total steps), got {value}.")
+            if strategy == "steps" and value > 1:
+                if value != int(value):
+                    fail(f"`{name}` must be an integer when larger than 1, got {value}.")
+                setattr(self, name, int(value))
+
+        if self.load_best_model_at_end and self.save_strategy != SaveStrategy.BEST:
+            if self.save_strategy == SaveStrategy.NO:
+                fail("`load_best_model_at_end` needs checkpoints: set `save_strategy` to 'steps', 'epoch' or 'best'.")
+            if self.eval_strategy != self.save_strategy:
+                fail(
+                    "`load_best_model_at_end` requires `eval_strategy` and `save_strategy` to match (or "
+                    f"save_strategy='best'); got eval_strategy={self.eval_strategy.value!r}, "
+                    f"save_strategy={self.save_strategy.value!r}."
+                )
+            if self.eval_strategy == IntervalStrategy.STEPS:
+                save, ev = self.save_steps, self.eval_steps
+                if (save < 1) != (ev < 1):
+                    fail(
+                        "`load_best_model_at_end` cannot guarantee `save_steps` is a multiple of `eval_steps` when "
+                        f"one is a ratio and the other absolute (save_steps={save}, eval_steps={ev})."
+                    )
+                if round(save * 1_000_000) % round(ev * 1_000_000) != 0:
+                    fail(
+                        "`load_best_model_at_end` requires `save_steps` to be a multiple of `eval_steps`; got "
+                        f"save_steps={save}, eval_steps={ev}."
+                    )
+        if self.save_strategy == SaveStrategy.BEST:
+            if self.metric_for_best_model is None:
+                fail("save_strategy='best' requires `metric_for_best_model` (or load_best_model_at_end=True).")
+            if self.eval_strategy == IntervalStrategy.NO:
+                fail("save_strategy='best' needs evaluations: set `eval_strategy` to 'steps' or 'epoch'.")
+        if self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU and self.eval_strategy == IntervalStrategy.NO:
+            fail("lr_scheduler_type='reduce_lr_on_plateau' requires an `eval_strategy` other than 'no'.")
+
+        if self.fp16 and self.bf16:
+            fail("`fp16` and `bf16` cannot both be True; pick one.")
+        if self.fp16_full_eval and self.bf16_full_eval:
+            fail("`fp16_full_eval` and `bf16_full_eval` cannot both be True; pick one.")
+        if self.include_num_input_tokens_seen not in ("all", "non_padding", "no"):
+            fail(
+                "`include_num_input_tokens_seen` must be 'all', 'non_padding', 'no' or a bool, "
+                f"got {self.include_num_input_tokens_seen!r}."
+            )
+        for name in ("log_level", "log_level_replica"):
+            if getattr(self, name) not in LOG_LEVELS:
+                fail(f"`{name}`={getattr(self, name)!r} is not valid; choose one of: {', '.join(LOG_LEVELS)}.")
+        if self.dataloader_num_workers < 0:
+            fail(f"`dataloader_num_workers` must be >= 0, got {self.dataloader_num_workers}.")
+        if self.dataloader_num_workers == 0 and self.dataloader_prefetch_factor is not None:
+            fail("`dataloader_prefetch_factor` needs `dataloader_num_workers` > 0.")
+        bad = sorted(set(self.include_for_metrics) - {"inputs", "loss"})
+        if bad:
+            fail(f"`include_for_metrics` accepts 'inputs' and 'loss', got {bad}.")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def train_batch_size(self) -> int:
+        """Per-device training batch size; the Trainer multiplies by the data-parallel size itself."""
+        return self.per_device_train_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size
+
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", 1))
+
+    @property
+    def process_index(self) -> int:
+        return int(os.environ.get("RANK", 0))
+
+    @property
+    def local_process_index(self) -> int:
+        default = self.local_rank if self.local_rank != -1 else 0
+        return int(os.environ.get("LOCAL_RANK", default))
+
+    @property
+    def should_log(self) -> bool:
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
+
+    def get_process_log_level(self) -> int:
+        """The log level for this process: `log_level` on the main one, `log_level_replica` elsewhere."""
+        level = LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica]
+        return logging.getLogger("xtrainer").getEffectiveLevel() if level == -1 else level
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warmup steps: `warmup_steps` itself when >= 1, else that ratio of the total steps (rounded up)."""
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        return math.ceil(num_training_steps * self.warmup_steps)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The init fields as JSON-friendly values: enums as their strings, `*_token` values masked."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.init or f.name in _REMOVED_ALIASES:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Enum):
+                value = value.value
+            elif isinstance(value, list) and value and isinstance(value[0], Enum):
+                value = [v.value for v in value]
+            elif isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if f.name.endswith("_token") and value is not None:
+                value = f"<{f.name.upper()}>"
+            out[f.name] = value
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """A flat dict of bool/int/float/str values (others stringified), e.g. for TensorBoard hparams."""
+        d = {**self.to_dict(), "train_batch_size": self.train_batch_size, "eval_batch_size": self.eval_batch_size}
+        return {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in d.items()}
+
+    def __str__(self) -> str:
+        body = "".join(f"{k}={v!r},\n" for k, v in sorted(self.to_dict().items()))
+        return f"{type(self).__name__}(\n{body})"
+
+    __repr__ = __str__
+
+
+@dataclass
+class Seq2SeqTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the generation settings of sequence-to-sequence evaluation."""
+
+    sortish_sampler: bool = field(default=False, metadata=_help("Use a sortish sampler."))
+    predict_with_generate: bool = field(default=False, metadata=_help("Use generate() for eval/predict metrics."))
+    generation_max_length: int | None = field(default=None, metadata=_help("max_length for generate() in eval."))
+    generation_num_beams: int | None = field(default=None, metadata=_help("num_beams for generate() in eval."))
+    generation_config: str | Path | None = field(
+        default=None, metadata=_help("GenerationConfig, or a model id/path to load one from.")
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("generation_max_length", "generation_num_beams"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be >= 1 or None, got {value}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        for k, v in d.items():
+            # A transformers GenerationConfig (duck-typed so transformers stays optional).
+            if hasattr(v, "to_dict") and type(v).__name__ == "GenerationConfig":
+                d[k] = v.to_dict()
+        return d
+
+
+__all__ = ["TrainingArguments", "Seq2SeqTrainingArguments"]
