@@ -313,11 +313,10 @@ def iterate_stream_batches(
                 yield batch_to_numpy(collate(buffer[lo : lo + plan.batch_size]))
             number += 1
             buffer = []
-    if buffer and not plan.drop_last and number >= skip_batches:
-        lo = plan.process_index * plan.batch_size
-        part = buffer[lo : lo + plan.batch_size]
-        if part:
-            yield batch_to_numpy(collate(part))
+    # A partial last batch is kept only on one process: split over several, some processes would
+    # get nothing and the others would wait forever in their collective ops.
+    if buffer and not plan.drop_last and plan.num_processes == 1 and number >= skip_batches:
+        yield batch_to_numpy(collate(buffer))
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int | None:

@@ -124,13 +124,13 @@ class TorchBackend:
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
             raise ValueError("fp16=True needs torch.amp.GradScaler; use bf16=True on CPU.")
         self.model = model.to(self.device)
-        if getattr(args, "gradient_checkpointing", False):
+        if args.activation_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError(
-                    f"gradient_checkpointing=True needs a model with `gradient_checkpointing_enable()` "
-                    f"(transformers models have it); {type(model).__name__} does not."
+                    "activation_checkpointing=True (gradient_checkpointing) needs a model with "
+                    f"`gradient_checkpointing_enable()` (transformers models have it); {type(model).__name__} does not."
                 )
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         return model
