@@ -14,6 +14,7 @@ from .callbacks import (
     TrainerState,
 )
 from .data import default_data_collator
+from .model_wrappers import FunctionalModel, LinenModel
 from .trainer import Trainer
 from .trainer_utils import (
     EvalPrediction,
@@ -34,6 +35,8 @@ __all__ = [
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
+    "FunctionalModel",
+    "LinenModel",
     "IntervalStrategy",
     "PredictionOutput",
     "PrinterCallback",

@@ -8,6 +8,8 @@ loop never waits on the device.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 import math
 import os
@@ -130,6 +132,14 @@ class Trainer:
             if model_init is None:
                 raise ValueError("Trainer needs either a `model` or a `model_init` function.")
             model = self._call_model_init()
+        elif model_init is not None:
+            raise ValueError("Trainer takes either a `model` or a `model_init` function, not both.")
+        if model_init is not None and any(o is not None for o in optimizers):
+            # The optimizer would hold the parameters of a model that train() replaces (HF refuses it too).
+            raise RuntimeError(
+                "`model_init` cannot be combined with `optimizers`: train() re-creates the model, and the given "
+                "optimizer would keep updating the old one's parameters. Subclass Trainer to build the optimizer."
+            )
         self.backend = get_backend(resolve_backend_name(self.args.backend, model))
         self.compute_loss_func = compute_loss_func
         self.model = self.backend.prepare(model, self.args, compute_loss_func=compute_loss_func)
@@ -169,7 +179,10 @@ class Trainer:
         return self.backend.process_index == 0
 
     def _call_model_init(self, trial=None):
-        params = self.model_init.__code__.co_argcount
+        # inspect.signature (not __code__) also handles bound methods, partials and callable objects.
+        params = len(inspect.signature(self.model_init).parameters)
+        if params > 1:
+            raise RuntimeError("model_init should take 0 or 1 argument (the hyperparameter-search trial).")
         model = self.model_init(trial) if params == 1 else self.model_init()
         if model is None:
             raise RuntimeError("model_init returned None; it must return a model.")
@@ -220,6 +233,10 @@ class Trainer:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer.evaluate() needs an eval_dataset (passed to Trainer or to evaluate).")
+        if isinstance(dataset, str):  # the name of one of a dict of eval datasets, as in HF
+            if not isinstance(self.eval_dataset, dict) or dataset not in self.eval_dataset:
+                raise KeyError(f"No eval dataset named {dataset!r}: the Trainer's eval_dataset must be a dict holding it.")
+            dataset = self.eval_dataset[dataset]
         return self._loader(dataset, self.args.per_device_eval_batch_size, training=False)
 
     # ------------------------------------------------------------------ training
@@ -318,24 +335,32 @@ class Trainer:
         handler.lr_scheduler = getattr(bstate, "scheduler", None)
         self.optimizer, self.lr_scheduler = handler.optimizer, handler.lr_scheduler
 
+    def _windows(self, batches, first_update, updates_per_epoch, remainder):
+        """Accumulation windows of one epoch: (host batches, label-token count), HF's chunking.
+
+        Every window has gradient_accumulation_steps micro-batches except the epoch's last, which
+        takes the remainder.
+        """
+        ga = self.args.gradient_accumulation_steps
+        for update in range(first_update, updates_per_epoch):
+            window = list(itertools.islice(batches, ga if update != updates_per_epoch - 1 else remainder))
+            if not window:
+                return
+            num_items = data.count_label_items(window, self._shift_labels) if self._count_items else None
+            if num_items is not None and self.args.average_tokens_across_devices:
+                num_items = self.backend.all_sum(num_items)
+            yield window, num_items
+
     def _run_epoch(self, loader, epoch, start_batch, batches_per_epoch, updates_per_epoch, trial, ignore_keys, start_time):
         args, backend = self.args, self.backend
         ga = args.gradient_accumulation_steps
-        batches = loader.epoch(epoch, start_batch)
         remainder = batches_per_epoch % ga or ga
+        windows = self._windows(loader.epoch(epoch, start_batch), start_batch // ga, updates_per_epoch, remainder)
         step = start_batch - 1  # index of the last micro-batch consumed in this epoch
         metrics = None
-        for update in range(start_batch // ga, updates_per_epoch):
-            size = ga if update != updates_per_epoch - 1 else remainder
-            window = [b for _, b in zip(range(size), batches)]
-            if not window:
-                break
-            num_items = data.count_label_items(window, self._shift_labels) if self._count_items else None
-            if num_items is not None and args.average_tokens_across_devices:
-                num_items = backend.all_sum(num_items)
+        for window, num_items, device_window in _prefetch_one(windows, backend.shard_window):
             self._track_tokens(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            device_window = [backend.shard_batch(b) for b in window]
             self._backend_state, metrics = backend.train_step(self._backend_state, device_window, num_items)
             step += len(window)
             for _ in range(len(window) - 1):
@@ -536,6 +561,22 @@ class Trainer:
         from .evaluation import run_evaluation
 
         return run_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+
+def _prefetch_one(windows, shard_window):
+    """Yields (window, num_items, device_window), with the next window already sent to the device.
+
+    The transfer of window N+1 is started before step N is dispatched, so on asynchronous backends
+    (JAX) it overlaps with step N's compute instead of following it.
+    """
+    upcoming = None
+    for window, num_items in windows:
+        ready = (window, num_items, shard_window(window))
+        if upcoming is not None:
+            yield upcoming
+        upcoming = ready
+    if upcoming is not None:
+        yield upcoming
 
 
 def _value(enum_or_str) -> str:

@@ -74,7 +74,9 @@ def test_output_dir_that_is_a_file(tmp_path):
 def test_unknown_backend_and_model_kind(tmp_path):
     with pytest.raises(ValueError, match="backend='tpu' is unknown"):
         xtrainer.backends.resolve_backend_name("tpu", RegressionModel())
-    with pytest.raises(ValueError, match="backend='jax' is not available"):
+    with pytest.raises(ValueError, match="backend='torch_xla' is not available"):
+        xtrainer.Trainer(model=RegressionModel(), args=xtrainer.TrainingArguments(str(tmp_path), backend="torch_xla"))
+    with pytest.raises(TypeError, match="backend='jax' takes a flax.nnx.Module"):
         xtrainer.Trainer(model=RegressionModel(), args=xtrainer.TrainingArguments(str(tmp_path), backend="jax"))
     with pytest.raises(ValueError, match="found no backend for a object"):
         xtrainer.Trainer(model=object(), args=xtrainer.TrainingArguments(str(tmp_path)))

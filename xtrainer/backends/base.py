@@ -73,8 +73,12 @@ class Backend(Protocol):
     def shard_batch(self, batch: HostBatch) -> Any:
         """Moves one host micro-batch to the device(s); may run ahead of use."""
 
-    def train_step(self, state: Any, window: Sequence[Any], num_items_in_batch: int | None) -> tuple[Any, StepMetrics]:
-        """One optimizer step over an accumulation window of device micro-batches."""
+    def shard_window(self, window: Sequence[HostBatch]) -> Any:
+        """Moves one accumulation window of host micro-batches to the device(s), in whatever layout
+        train_step wants (a list of batches, or arrays stacked on a leading accumulation axis)."""
+
+    def train_step(self, state: Any, window: Any, num_items_in_batch: int | None) -> tuple[Any, StepMetrics]:
+        """One optimizer step over an accumulation window made by shard_window."""
 
     def eval_step(self, state: Any, batch: Any, prediction_loss_only: bool, ignore_keys: list[str] | None, label_names: list[str]) -> EvalOutput:
         """Forward pass without gradients; returns loss (or None), logits (or None), labels (or None)."""

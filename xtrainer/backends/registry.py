@@ -19,9 +19,16 @@ def _torch_backend_factory():
     return TorchBackend
 
 
+def _jax_backend_factory():
+    from .jax.backend import JaxBackend
+
+    return JaxBackend
+
+
 # name -> (required importable modules, factory returning the Backend class)
 _REGISTRY: dict[str, tuple[tuple[str, ...], Callable[[], type]]] = {
     "torch": (("torch",), _torch_backend_factory),
+    "jax": (("jax", "flax", "optax", "orbax.checkpoint"), _jax_backend_factory),
 }
 
 
@@ -36,6 +43,10 @@ def available_backends() -> list[str]:
 
 def model_kind(model: Any) -> str:
     """'torch' for torch.nn.Module, 'flax' for Flax NNX/linen modules, else 'unknown'."""
+    from ..model_wrappers import FunctionalModel, LinenModel
+
+    if isinstance(model, (LinenModel, FunctionalModel)):
+        return "flax"
     for klass in type(model).__mro__:
         module = klass.__module__ or ""
         if module.startswith("torch.nn") and klass.__name__ == "Module":

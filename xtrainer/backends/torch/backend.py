@@ -185,6 +185,9 @@ class TorchBackend:
         non_blocking = self.device.type == "cuda"
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
 
+    def shard_window(self, window: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, torch.Tensor]]:
+        return [self.shard_batch(batch) for batch in window]
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -246,7 +249,9 @@ class TorchBackend:
         if not skipped:
             state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return state, StepMetrics(loss=torch.stack(losses), grad_norm=grad_norm, learning_rate=learning_rate)
+        # HF logs the mean over processes of each process's loss (its gathered tr_loss).
+        loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
+        return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate)
 
     def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
         model = state.model if state is not None else self.model

@@ -1,0 +1,1 @@
+"""The JAX backend: Flax NNX / linen / functional models, jitted SPMD steps, optax, orbax."""

@@ -1,0 +1,357 @@
+"""The JAX backend: jitted SPMD steps over a data/fsdp/tensor mesh, optax, orbax.
+
+Each train step is one ahead-of-time compiled executable per input signature: the state is
+donated, shardings are explicit, and a new signature (e.g. a smaller last batch) is compiled once
+with a warning that names what changed. Metrics stay on device; the front reads them at log time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ...schedules import build_schedule, plateau_init, plateau_update
+from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
+from ..base import EvalOutput, StepMetrics
+from . import state_io
+from .adapters import make_adapter
+from .mesh import build_mesh
+from .optim import build_optimizer
+from .step import StepConfig, make_eval_step, make_train_step
+
+logger = logging.getLogger(__name__)
+
+
+class DeviceBatch(NamedTuple):
+    """An eval batch on device, with its host labels (labels go back to the host unchanged)."""
+
+    arrays: dict
+    host: Mapping[str, np.ndarray]
+
+
+def _path_str(path) -> str:
+    parts = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(name))
+    if parts and parts[-1] == "value":  # nnx Variables add a trailing .value
+        parts.pop()
+    return ".".join(parts)
+
+
+def maybe_initialize_distributed(args) -> None:
+    """Joins a multi-host JAX run when the environment describes one (JAX_COORDINATOR_ADDRESS etc.)."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    if callable(is_initialized) and is_initialized():
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") and "jax_cpu_collectives_implementation" in jax.config.values:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
+
+
+class JaxBackend:
+    """Trains Flax NNX / linen / functional models with jitted SPMD steps (see module docstring)."""
+
+    name = "jax"
+
+    def __init__(self):
+        self.num_processes = 1
+        self.process_index = 0
+        self.local_batch_devices = 1
+        self._compiled: dict = {}
+        self._eval_fns: dict = {}
+        self.compile_seconds: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self, model: Any, args: Any, *, compute_loss_func: Any = None) -> Any:
+        maybe_initialize_distributed(args)
+        if getattr(args, "jax_compilation_cache_dir", None):
+            jax.config.update("jax_compilation_cache_dir", args.jax_compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        self.args = args
+        self.compute_loss_func = compute_loss_func
+        self.mesh_config = MeshConfig.resolve(args.mesh, jax.device_count())
+        self.mesh = build_mesh(self.mesh_config)
+        self.num_processes, self.process_index = jax.process_count(), jax.process_index()
+        if self.mesh_config.batch_devices % self.num_processes:
+            raise ValueError(
+                f"The batch axes (data x fsdp = {self.mesh_config.batch_devices}) must split evenly over "
+                f"{self.num_processes} processes; change args.mesh."
+            )
+        self.local_batch_devices = self.mesh_config.batch_devices // self.num_processes
+        self.model = model
+        self.adapter = make_adapter(model, seed=args.seed)
+        rules = parse_sharding_rules(args.sharding_rules)
+        logical = self.adapter.logical_axes()
+        self.param_shardings = jax.tree_util.tree_map_with_path(
+            lambda path, x: NamedSharding(
+                self.mesh,
+                PartitionSpec(*param_spec(_path_str(path), np.shape(x), self.mesh_config, rules, logical.get(_path_str(path)))),
+            ),
+            self.adapter.params,
+        )
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(self.adapter.params, self.param_shardings)
+        self.extra = jax.device_put(self.adapter.extra, self.replicated)
+        self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
+        self._host_step = 0
+        self._plateau = None
+        return model
+
+    def model_input_names(self) -> list[str] | None:
+        return self.adapter.input_names
+
+    def default_label_names(self) -> list[str]:
+        # Models that only return logits still get `labels`: the trainer computes their loss.
+        names = self.adapter.input_names or []
+        return [n for n in names if "label" in n] or ["labels"]
+
+    def counts_label_items(self) -> tuple[bool, bool]:
+        shifts = getattr(self.model, "loss_shifts_labels", None)
+        if shifts is None:
+            shifts = type(self.model).__name__.endswith("ForCausalLM")
+        return True, bool(shifts)
+
+    def _step_config(self, num_training_steps: int) -> StepConfig:
+        args = self.args
+        name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        if name == "reduce_lr_on_plateau":
+            self._plateau = plateau_init(learning_rate=args.learning_rate, scheduler_kwargs=args.lr_scheduler_kwargs or {})
+        schedule = build_schedule(
+            name,
+            num_training_steps=num_training_steps,
+            num_warmup_steps=args.get_warmup_steps(num_training_steps),
+            learning_rate=args.learning_rate,
+            scheduler_kwargs=args.lr_scheduler_kwargs or {},
+        )
+        return StepConfig(
+            learning_rate=args.learning_rate,
+            schedule=schedule,
+            max_grad_norm=args.max_grad_norm,
+            compute_dtype=self.compute_dtype,
+            loss_scaling=bool(args.fp16),
+            remat=bool(args.activation_checkpointing),
+        )
+
+    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> dict:
+        self.config = self._step_config(num_training_steps)
+        self.tx = optimizers[0] if optimizers[0] is not None else build_optimizer(self.args)
+        opt_state = jax.jit(self.tx.init)(self.params)  # moment shardings follow the params'
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": self.params,
+            "opt_state": opt_state,
+            "extra": self.extra,
+            "rng": jax.random.PRNGKey(self.args.seed),
+            "lr_scale": jnp.ones((), jnp.float32),
+        }
+        if self.config.loss_scaling:
+            state["loss_scale"] = jnp.float32(2.0**15)
+            state["good_steps"] = jnp.zeros((), jnp.int32)
+        self.state_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) == len(self.mesh.devices.flat) else self.replicated,
+            state,
+        )
+        state = jax.device_put(state, self.state_shardings)
+        self._host_step = 0
+        self._compiled = {}
+        return state
+
+    # ------------------------------------------------------------------ data placement
+
+    def _place(self, array: np.ndarray, leading: int) -> jax.Array:
+        spec = (None,) * leading + (BATCH_AXES,)
+        rows = array.shape[leading] if array.ndim > leading else 0
+        if self.num_processes == 1 and rows % self.mesh_config.batch_devices:
+            # A short last batch that the batch devices cannot split evenly runs replicated.
+            spec = ()
+        sharding = NamedSharding(self.mesh, PartitionSpec(*spec[: array.ndim]))
+        return jax.make_array_from_process_local_data(sharding, array)
+
+    def shard_batch(self, batch: Mapping[str, np.ndarray]) -> DeviceBatch:
+        if self.num_processes > 1:  # every process holds the whole eval batch: replicate it
+            arrays = {k: jax.make_array_from_process_local_data(self.replicated, np.asarray(v)) for k, v in batch.items()}
+        else:
+            arrays = {k: self._place(np.asarray(v), 0) for k, v in batch.items()}
+        return DeviceBatch(arrays, batch)
+
+    def shard_window(self, window: Sequence[Mapping[str, np.ndarray]]):
+        ga = self.args.gradient_accumulation_steps
+        real = len(window)
+        window = _uniform_rows(list(window))
+        padded = window + [window[-1]] * (ga - real)  # fixed window length: no recompile for a short last window
+        stacked = {k: np.stack([b[k] for b in padded]) for k in window[0]}
+        mask = np.array([1.0] * real + [0.0] * (ga - real), dtype=np.float32)
+        arrays = {k: self._place(v, 1) for k, v in stacked.items()}
+        return arrays, jax.device_put(mask, self.replicated), real
+
+    # ------------------------------------------------------------------ steps
+
+    def _compile_train_step(self, state, arrays, mask, num_items, with_items: bool):
+        signature = (tuple((k, v.shape, str(v.dtype)) for k, v in sorted(arrays.items())), with_items)
+        compiled = self._compiled.get(signature)
+        if compiled is not None:
+            return compiled
+        fn = make_train_step(self.adapter, self.tx, self.config, self.compute_loss_func, with_num_items=with_items)
+        batch_shardings = {k: v.sharding for k, v in arrays.items()}
+        jitted = jax.jit(
+            fn,
+            in_shardings=(self.state_shardings, batch_shardings, self.replicated, self.replicated),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
+        start = time.perf_counter()
+        compiled = jitted.lower(state, arrays, mask, num_items).compile()
+        seconds = time.perf_counter() - start
+        if self._compiled:
+            previous = next(reversed(self._compiled))
+            warnings.warn(
+                f"Recompiling the JAX train step (compilation #{len(self._compiled) + 1}, {seconds:.1f}s): "
+                f"{_describe_change(previous, signature)}. Keep batch shapes static (dataloader_drop_last=True, "
+                "padding to a fixed length) to avoid this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        else:
+            logger.warning("JAX train step compiled in %.2fs (first compilation).", seconds)
+        self.compile_seconds.append(seconds)
+        self._compiled[signature] = compiled
+        return compiled
+
+    def train_step(self, state, window, num_items_in_batch):
+        arrays, mask, real = window
+        with_items = num_items_in_batch is not None
+        num_items = jax.device_put(np.float32(num_items_in_batch or 0), self.replicated)
+        compiled = self._compile_train_step(state, arrays, mask, num_items, with_items)
+        state, metrics = compiled(state, arrays, mask, num_items)
+        multiplier = self.config.schedule(self._host_step)
+        if self._plateau is not None:
+            multiplier = self._plateau.multiplier
+        learning_rate = float(self.args.learning_rate * multiplier)
+        self._host_step += 1
+        return state, StepMetrics(loss=metrics["loss"], grad_norm=metrics["grad_norm"], learning_rate=learning_rate)
+
+    def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
+        params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
+        has_labels = bool(label_names) and all(k in batch.arrays for k in label_names)
+        with_items = num_items_in_batch is not None and has_labels
+        key = (has_labels, with_items)
+        fn = self._eval_fns.get(key)
+        if fn is None:
+            config = getattr(self, "config", None) or StepConfig(learning_rate=0.0, schedule=lambda s: 1.0,
+                                                                  compute_dtype=self.compute_dtype)
+            fn = jax.jit(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items))
+            self._eval_fns[key] = fn
+        num_items = jnp.float32(num_items_in_batch or 0)
+        loss, logits = fn(params, extra, batch.arrays, num_items)
+        labels = None
+        if has_labels:
+            found = tuple(batch.host[name] for name in label_names)
+            labels = found[0] if len(found) == 1 else found
+        if prediction_loss_only:
+            return EvalOutput(loss, None, None)
+        return EvalOutput(loss, logits, labels)
+
+    def to_host(self, tree: Any) -> Any:
+        return jax.device_get(tree)
+
+    def repeat_scalar(self, value, times: int):
+        return jnp.repeat(jnp.reshape(value, (1,)), times)
+
+    def all_sum(self, value: int) -> int:
+        if self.num_processes == 1:
+            return value
+        from jax.experimental import multihost_utils
+
+        return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+    def on_eval_metric(self, state, value: float) -> None:
+        if self._plateau is None:
+            return
+        self._plateau = plateau_update(self._plateau, value)
+        state["lr_scale"] = jax.device_put(jnp.float32(self._plateau.multiplier), self.replicated)
+
+    # ------------------------------------------------------------------ state I/O
+
+    def save(self, state, directory: str, *, save_only_model: bool = False) -> None:
+        if save_only_model:
+            state = {"params": state["params"], "extra": state["extra"]}
+        state_io.save_state(state, directory)
+
+    def restore(self, state, directory: str):
+        restored = state_io.restore_state(state, directory)
+        self._host_step = int(jax.device_get(restored["step"]))
+        return restored
+
+    def load_model_weights(self, state, directory: str) -> None:
+        restored = state_io.restore_state(state, directory)
+        state["params"], state["extra"] = restored["params"], restored["extra"]
+
+    def export_model(self, state, directory: str) -> None:
+        params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
+        if self.process_index == 0:
+            state_io.export_params(self.adapter, params, extra, directory)
+
+    def finalize(self, state) -> Any:
+        self.params, self.extra = state["params"], state["extra"]
+        return self.adapter.write_back(self.params, self.extra)
+
+    def barrier(self) -> None:
+        if self.num_processes > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("xtrainer")
+
+
+def _uniform_rows(window: list[dict]) -> list[dict]:
+    """Pads a smaller last micro-batch to the window's batch size with label -100 rows (which carry
+    no loss), so the window stacks into one array."""
+    sizes = {len(next(iter(b.values()))) for b in window}
+    if len(sizes) == 1:
+        return window
+    rows = max(sizes)
+    out = []
+    for batch in window:
+        have = len(next(iter(batch.values())))
+        if have == rows:
+            out.append(batch)
+            continue
+        labels = batch.get("labels")
+        if labels is None or not np.issubdtype(np.asarray(labels).dtype, np.integer):
+            raise ValueError(
+                "A short last batch cannot be padded inside a gradient-accumulation window without integer `labels` "
+                "(padding rows must carry no loss): set dataloader_drop_last=True."
+            )
+        padded = {}
+        for key, value in batch.items():
+            fill = -100 if key == "labels" else 0
+            extra = np.full((rows - have,) + value.shape[1:], fill, dtype=value.dtype)
+            padded[key] = np.concatenate([value, extra])
+        out.append(padded)
+    return out
+
+
+def _describe_change(old, new) -> str:
+    old_shapes, new_shapes = dict((k, (s, d)) for k, s, d in old[0]), dict((k, (s, d)) for k, s, d in new[0])
+    changes = [f"'{k}' {old_shapes.get(k, ('absent',))[0]} -> {new_shapes.get(k, ('absent',))[0]}"
+               for k in sorted(set(old_shapes) | set(new_shapes)) if old_shapes.get(k) != new_shapes.get(k)]
+    if old[1] != new[1]:
+        changes.append("labels appeared" if new[1] else "labels disappeared")
+    return "batch shape changed: " + ", ".join(changes) if changes else "input signature changed"

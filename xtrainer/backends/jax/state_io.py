@@ -1,0 +1,82 @@
+"""Orbax checkpoints of the JAX train state, and model export.
+
+The train state (params, optimizer state, RNG, step, loss scale) is one pytree saved with orbax
+into `<checkpoint>/jax_state/`; restoring it takes the *current* shardings as the target, so a
+checkpoint written on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+STATE_DIR = "jax_state"
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+
+
+def save_state(state: dict, directory: str) -> None:
+    """Writes the state with orbax and waits for it (the caller publishes the directory afterwards)."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(os.path.join(directory, STATE_DIR)), state)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def restore_state(state: dict, directory: str) -> dict:
+    """Reads a state saved by save_state, laid out like `state` (same shardings, possibly another mesh)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.path.join(directory, STATE_DIR))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{directory} has no {STATE_DIR}/: it was not written by the JAX backend (a torch checkpoint?)."
+        )
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, state
+    )
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        restored = checkpointer.restore(path, target)
+    except Exception as exc:  # shape/structure mismatch or a damaged file: say what and where
+        raise ValueError(f"Cannot restore the JAX train state from {path}: {exc}") from exc
+    finally:
+        checkpointer.close()
+    return restored
+
+
+def export_params(adapter, params, extra, directory: str) -> list[str]:
+    """Writes the model where its own library loads it from; returns the files written.
+
+    Reference models with a transformers twin are exported as config.json + model.safetensors
+    (transformers' from_pretrained loads them); any model also gets flax_model.msgpack (Flax's
+    serialization of the parameter pytree).
+    """
+    from flax import serialization
+
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    model = adapter.write_back(params, extra)
+    exporter = getattr(model, "save_pretrained", None)
+    if callable(exporter):
+        exporter(directory)
+        written += ["config.json", "model.safetensors"]
+    host = jax.device_get(_pure(params))
+    with open(os.path.join(directory, FLAX_WEIGHTS_NAME), "wb") as f:
+        f.write(serialization.to_bytes(host))
+    written.append(FLAX_WEIGHTS_NAME)
+    with open(os.path.join(directory, "xtrainer_model.json"), "w") as f:
+        json.dump({"kind": adapter.kind, "class": type(model).__name__}, f)
+    return written
+
+
+def _pure(tree):
+    """nnx.State / Variables -> plain nested dicts of arrays, for serialisation."""
+    to_pure = getattr(tree, "to_pure_dict", None)
+    if callable(to_pure):
+        return to_pure()
+    return jax.tree.map(lambda x: np.asarray(x) if hasattr(x, "shape") else x, tree)

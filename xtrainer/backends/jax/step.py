@@ -1,0 +1,201 @@
+"""Pure train and eval steps for the JAX backend.
+
+`make_train_step` returns one function `(state, window, weights, num_items) -> (state, metrics)`:
+gradient accumulation over the window's leading axis (lax.scan), HF's loss scaling, global-norm
+clipping, the shared lr schedule and the optax update, all inside one jitted computation. The
+state is a plain dict pytree so orbax can save it as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_FP16_GROWTH_INTERVAL = 2000  # steps without overflow before the fp16 loss scale doubles
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Static settings baked into the compiled steps."""
+
+    learning_rate: float
+    schedule: Callable  # step -> lr multiplier (xtrainer.schedules)
+    max_grad_norm: float = 1.0
+    compute_dtype: Any = None  # jnp.bfloat16 / jnp.float16 for mixed precision, else None
+    loss_scaling: bool = False  # dynamic loss scaling (fp16)
+    remat: bool = False  # rematerialise the forward pass in the backward pass
+
+
+def _global_norm(tree):
+    tree_ops = getattr(optax, "tree", None)  # optax.global_norm is deprecated in newer optax
+    return tree_ops.norm(tree) if tree_ops is not None and hasattr(tree_ops, "norm") else optax.global_norm(tree)
+
+
+def _cast_floats(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def split_outputs(outputs) -> tuple[Any, Any]:
+    """(loss or None, logits or None) from whatever a model returns."""
+    if isinstance(outputs, (jax.Array, jnp.ndarray)) or hasattr(outputs, "ndim") and not isinstance(outputs, Mapping):
+        return (outputs, None) if outputs.ndim == 0 else (None, outputs)
+    if isinstance(outputs, Mapping):
+        rest = tuple(v for k, v in outputs.items() if k != "loss" and v is not None)
+        return outputs.get("loss"), (rest[0] if len(rest) == 1 else rest or None)
+    if hasattr(outputs, "loss") or hasattr(outputs, "logits"):
+        return getattr(outputs, "loss", None), getattr(outputs, "logits", None)
+    if isinstance(outputs, (tuple, list)) and outputs:
+        first = outputs[0]
+        if getattr(first, "ndim", None) == 0:
+            rest = tuple(outputs[1:])
+            return first, (rest[0] if len(rest) == 1 else rest or None)
+        return None, (outputs[0] if len(outputs) == 1 else tuple(outputs))
+    raise TypeError(f"Cannot read a loss or logits from model outputs of type {type(outputs).__name__}.")
+
+
+def default_loss(logits, labels, num_items):
+    """The trainer's loss when the model returns only logits.
+
+    Integer labels: cross entropy over the last logits axis, ignoring -100, summed and divided by
+    num_items (HF's token-count normalisation) or by the count of valid labels. Float labels: MSE.
+    """
+    if logits is None:
+        raise ValueError("The model returned neither a loss nor logits.")
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        valid = labels != -100
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+        total = -jnp.sum(jnp.where(valid, picked, 0.0))
+        denom = num_items if num_items is not None else jnp.maximum(valid.sum(), 1)
+        return total / denom
+    predictions = logits.astype(jnp.float32)
+    if predictions.shape != labels.shape and predictions.shape[-1:] == (1,):
+        predictions = predictions[..., 0]
+    return jnp.mean((predictions - labels.astype(jnp.float32)) ** 2)
+
+
+def make_loss_fn(adapter, config: StepConfig, compute_loss_func: Callable | None, train: bool, trace_info=None):
+    """(params, extra, batch, rng, num_items) -> (loss, (outputs, new_extra)).
+
+    `trace_info["normalized"]` records, while tracing, whether the loss is already divided by the
+    window's num_items (HF's `loss_is_scaled_for_ga`): then micro-batch losses are summed, otherwise
+    they are averaged over the window.
+    """
+    trace_info = {} if trace_info is None else trace_info
+
+    def loss_fn(params, extra, batch, rng, num_items):
+        inputs = dict(batch)
+        labels = inputs.get("labels")
+        if compute_loss_func is not None:
+            inputs.pop("labels", None)
+        elif adapter.accepts_num_items and num_items is not None:
+            inputs["num_items_in_batch"] = num_items
+        apply = adapter.apply
+        if config.remat and train:
+            apply = jax.checkpoint(adapter.apply, static_argnums=(4,))
+        outputs, new_extra = apply(
+            _cast_floats(params, config.compute_dtype), extra, _cast_floats(inputs, config.compute_dtype), rng, train
+        )
+        if compute_loss_func is not None:
+            loss = compute_loss_func(outputs, labels, num_items_in_batch=num_items)
+            trace_info["normalized"] = True
+        else:
+            loss, logits = split_outputs(outputs)
+            trace_info["normalized"] = num_items is not None and (loss is None or adapter.accepts_num_items)
+            if loss is None:
+                if labels is None:
+                    raise ValueError(
+                        "The model did not return a loss and the batch has no `labels`: add a labels column or pass "
+                        "`compute_loss_func`."
+                    )
+                loss = default_loss(logits, labels, num_items)
+        return jnp.asarray(loss, jnp.float32), (outputs, new_extra)
+
+    return loss_fn
+
+
+def make_train_step(adapter, tx: optax.GradientTransformation, config: StepConfig, compute_loss_func=None,
+                    with_num_items: bool = True):
+    """The pure train step. `window` holds the micro-batches stacked on a leading axis; `mask` is 1
+    for real micro-batches and 0 for the padding of a short last window."""
+    trace_info: dict = {}
+    loss_fn = make_loss_fn(adapter, config, compute_loss_func, train=True, trace_info=trace_info)
+
+    def train_step(state, window, mask, num_items):
+        params = state["params"]
+        scale = state["loss_scale"] if config.loss_scaling else jnp.float32(1.0)
+        step_rng = jax.random.fold_in(state["rng"], state["step"])
+        items = num_items if with_num_items else None
+
+        def micro(carry, xs):
+            grads, extra = carry
+            batch, real, index = xs
+
+            # `extra` enters as an argument (not a closure) so NNX can update its RNG counts at
+            # the trace level of the gradient.
+            def objective(p, ex):
+                loss, (_, new_extra) = loss_fn(p, ex, batch, jax.random.fold_in(step_rng, index), items)
+                # Padding micro-batches weigh 0; per-batch mean losses are averaged over the window.
+                weight = real if trace_info["normalized"] else real / jnp.sum(mask)
+                return loss * weight * scale, (loss * weight, new_extra)
+
+            g, (reported, new_extra) = jax.grad(objective, has_aux=True)(params, extra)
+            grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
+            return (grads, new_extra), reported
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        indices = jnp.arange(mask.shape[0])
+        (grads, extra), losses = jax.lax.scan(micro, (zeros, state["extra"]), (window, mask, indices))
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        grad_norm = _global_norm(grads)
+        if config.max_grad_norm and config.max_grad_norm > 0:
+            coef = jnp.minimum(config.max_grad_norm / (grad_norm + 1e-6), 1.0)
+            grads = jax.tree.map(lambda g: g * coef, grads)
+        opt_state = state["opt_state"]
+        lr = config.learning_rate * config.schedule(state["step"]) * state["lr_scale"]
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)})
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_state = dict(state, params=new_params, opt_state=opt_state, extra=extra, step=state["step"] + 1)
+        if config.loss_scaling:
+            finite = jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_state["params"] = keep(new_params, params)
+            new_state["opt_state"] = keep(opt_state, state["opt_state"])
+            new_state["step"] = jnp.where(finite, state["step"] + 1, state["step"])
+            good = jnp.where(finite, state["good_steps"] + 1, 0)
+            grow = good >= _FP16_GROWTH_INTERVAL
+            new_state["loss_scale"] = jnp.where(finite, jnp.where(grow, scale * 2, scale), scale / 2)
+            new_state["good_steps"] = jnp.where(grow, 0, good)
+        return new_state, {"loss": losses, "grad_norm": grad_norm}
+
+    return train_step
+
+
+def make_eval_step(adapter, config: StepConfig, compute_loss_func=None, has_labels: bool = True,
+                   with_num_items: bool = False):
+    """(params, extra, batch, num_items) -> (loss or None, logits or None); no dropout, no update."""
+    loss_fn = make_loss_fn(adapter, config, compute_loss_func, train=False)
+    rng = jax.random.key(0)
+
+    def eval_step(params, extra, batch, num_items):
+        if has_labels:
+            loss, (outputs, _) = loss_fn(params, extra, batch, rng, num_items if with_num_items else None)
+            _, logits = split_outputs(outputs)
+            return loss, logits
+        inputs = _cast_floats(dict(batch), config.compute_dtype)
+        outputs, _ = adapter.apply(_cast_floats(params, config.compute_dtype), extra, inputs, rng, False)
+        loss, logits = split_outputs(outputs)
+        return loss, logits
+
+    return eval_step
