@@ -1,11 +1,24 @@
 """torch.distributed plumbing for the torch backend: process group, DDP / FSDP2 wrapping, no_sync.
 
 Processes are started by torchrun (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK).
+
+Data parallelism follows transformers' Trainer: every process runs its slice of the global batch
+(see data.BatchPlan) and gradients are averaged across processes, so N processes with batch b train
+exactly like one process with batch N*b.
+
+- DDP: the module that runs forward is a `DistributedDataParallel` wrapper; the user's model object
+  keeps holding plain, full, replicated parameters.
+- FSDP2 (`fsdp="full_shard"` or `"shard_grad_op"`): `fully_shard` is applied *in place* to each
+  transformer block and to the root, as accelerate does for transformers' Trainer, so the user's
+  model object holds DTensor shards afterwards. Full weights are gathered when they are saved
+  (`Trainer.save_model` / checkpoints write an ordinary model.safetensors on rank 0), or with
+  `torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -16,6 +29,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the run: world size, ranks, and whether parameters are sharded."""
+
     world_size: int = 1
     rank: int = 0
     local_rank: int = 0
@@ -25,12 +40,23 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters and optimizer state are split across processes (FSDP on >1 process)."""
+        return self.fsdp and self.world_size > 1
 
-def _wants_fsdp(args) -> bool:
+
+def _fsdp_options(args) -> set[str]:
     fsdp = getattr(args, "fsdp", None) or ""
+    if fsdp is True:
+        return {"full_shard"}
     if isinstance(fsdp, (list, tuple)):
         fsdp = " ".join(str(getattr(f, "value", f)) for f in fsdp)
-    return "full_shard" in str(fsdp) or "shard_grad_op" in str(fsdp)
+    return set(str(fsdp).split())
+
+
+def _wants_fsdp(args) -> bool:
+    return bool(_fsdp_options(args) & {"full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2"})
 
 
 def init_from_env(args) -> DistInfo:
@@ -38,12 +64,13 @@ def init_from_env(args) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
+    use_cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
         backend = getattr(args, "ddp_backend", None) or ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend=backend)
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = datetime.timedelta(seconds=getattr(args, "ddp_timeout", None) or 1800)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return DistInfo(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
@@ -52,40 +79,100 @@ def init_from_env(args) -> DistInfo:
     )
 
 
-def _fsdp_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: `_no_split_modules` classes of HF models, else none."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module under torch.compile and DDP wrappers (an FSDP2 module is its own model)."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):  # torch.compile
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def _fsdp_blocks(model: nn.Module, args) -> list[nn.Module]:
+    """The repeated blocks to shard one by one.
+
+    `fsdp_config["transformer_layer_cls_to_wrap"]` when given (transformers' option), else the
+    `_no_split_modules` classes of HF models, else none (the root alone is sharded).
+    """
+    config = getattr(args, "fsdp_config", None)
+    names = config.get("transformer_layer_cls_to_wrap") if isinstance(config, dict) else None
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = set(names or getattr(model, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names and m is not model]
 
 
+def _fully_shard(model: nn.Module, args, info: DistInfo, device: torch.device) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard
+
+    if _is_fsdp(model):  # a second train() on the same Trainer: already sharded
+        return model
+    # An explicit mesh of the backend's device: fully_shard's default picks CUDA whenever it
+    # exists, even when the run asked for use_cpu.
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    # shard_grad_op (ZeRO-2) keeps the gathered parameters from forward to backward.
+    reshard = "shard_grad_op" not in _fsdp_options(args)
+    for block in _fsdp_blocks(model, args):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    return model
+
+
+def _find_unused_parameters(model: nn.Module, args) -> bool:
+    """transformers' default: search for unused parameters unless gradient checkpointing is on."""
+    explicit = getattr(args, "ddp_find_unused_parameters", None)
+    if explicit is not None:
+        return bool(explicit)
+    if hasattr(model, "is_gradient_checkpointing"):
+        return not model.is_gradient_checkpointing
+    return True
+
+
 def wrap_model(model: nn.Module, args, info: DistInfo, device: torch.device) -> nn.Module:
-    """Returns the module that runs forward: the model, a DDP wrapper, or the model sharded by FSDP2."""
+    """Returns the module that runs forward: the model, a DDP wrapper, or the model sharded by FSDP2.
+
+    FSDP2 shards `model` in place (see the module docstring); DDP leaves it untouched.
+    """
     if info.world_size <= 1:
         return model
     if info.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in _fsdp_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
-        return model
+        return _fully_shard(model, args, info, device)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=_find_unused_parameters(model, args)
+    )
 
 
 def no_sync(model: nn.Module):
     """Skips the gradient all-reduce for a micro-batch that is not the last of its window."""
+    model = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if _is_fsdp(model):
         return _fsdp_no_sync(model)
     return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
 def _fsdp_no_sync(model):
+    # Gradients accumulate unsharded until the window's last backward reduce-scatters them.
     model.set_requires_gradient_sync(False)
     try:
         yield
@@ -94,7 +181,11 @@ def _fsdp_no_sync(model):
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clips in place and returns the pre-clip global gradient norm (a device scalar)."""
+    """Clips in place and returns the pre-clip global gradient norm (a device scalar).
+
+    Gradients are already averaged across processes (DDP) or sharded DTensors whose norm is
+    reduced over the mesh (FSDP2), so every process gets the same norm.
+    """
     norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
@@ -102,6 +193,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def barrier(info: DistInfo) -> None:
+    """Waits for every process (no-op on one process)."""
     if info.world_size > 1 and dist.is_initialized():
         dist.barrier()
 
@@ -113,3 +205,25 @@ def all_sum(value: int, info: DistInfo, device: torch.device) -> int:
     tensor = torch.tensor(value, dtype=torch.int64, device=device)
     dist.all_reduce(tensor)
     return int(tensor.item())
+
+
+def mean_over_processes(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise mean of a tensor over all processes (the loss transformers logs).
+
+    gloo has no AVG reduction, hence a sum and a division. Under NCCL the all-reduce is only
+    enqueued on the stream, so the host still does not wait for the step.
+    """
+    if info.world_size <= 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / info.world_size
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's `obj` on every process (e.g. an error found while reading a file on rank 0 only)."""
+    if info.world_size <= 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -3,6 +3,14 @@
 File names and contents match what transformers' Trainer writes (model.safetensors, config.json,
 optimizer.pt, scheduler.pt, scaler.pt, rng_state[_N].pth), so checkpoints move both ways.
 Everything is read with `weights_only=True`: loading a checkpoint never runs pickled code.
+
+Distributed runs: rank 0 writes every replicated file (model, optimizer.pt under DDP, scheduler,
+scaler) and each rank its own rng_state_{rank}.pth. Under FSDP2 the model is gathered into full
+weights for rank 0 to write (so a checkpoint's model.safetensors loads anywhere), while the
+optimizer state, the big sharded part, is written by every rank as its own shard with
+torch.distributed.checkpoint into `optimizer_shards/`. That directory can be read back by any
+number of processes, sharded or not; an optimizer.pt (one process, DDP, or transformers) can be
+read back under FSDP2 too.
 """
 
 from __future__ import annotations
@@ -10,22 +18,48 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from .distributed import broadcast_object, unwrap
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+OPTIMIZER_NAME = "optimizer.pt"
+OPTIMIZER_SHARDS_DIR = "optimizer_shards"
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names that refer to one parameter object (tied weights), one list per parameter tied more than once."""
+    by_param: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(param), []).append(name)
+    return [names for names in by_param.values() if len(names) > 1]
 
 
 def _full_state_dict(model: nn.Module, info) -> dict[str, torch.Tensor]:
-    if info.fsdp and info.world_size > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The model's full (unsharded) state dict; under FSDP only rank 0 gets it (others: {}).
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
+    Collective under FSDP: every process must call it.
+    """
+    if not info.sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload: gathered to rank 0's CPU one tensor at a time, never whole on an accelerator.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # The gathered copies of a tied parameter are separate tensors; make them alias again so that
+    # save_pretrained / _dedupe_shared drop the tied names exactly as for an unsharded model.
+    for names in _tied_groups(model):
+        present = [n for n in names if n in state]
+        for name in present[1:]:
+            state[name] = state[present[0]]
+    return state
 
 
 def _dedupe_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -41,7 +75,10 @@ def _dedupe_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def save_model_weights(model: nn.Module, directory: str, info) -> None:
-    """Writes the model as its library loads it: save_pretrained for HF models, else model.safetensors."""
+    """Writes the model as its library loads it: save_pretrained for HF models, else model.safetensors.
+
+    Rank 0 writes full weights; under FSDP every process must call it (the weights are gathered).
+    """
     state_dict = _full_state_dict(model, info)
     if not info.is_main:
         return
@@ -82,37 +119,69 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
 
 def _tied_names(model: nn.Module) -> set[str]:
     """Parameter names that alias another parameter (saved once, restored by the tie)."""
+    names = {name for group in _tied_groups(model) for name in group}
+    # Plain tensors may also share storage without being one Parameter object; FSDP's DTensor
+    # shards are covered by the identity groups above.
     by_storage: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        by_storage.setdefault(tensor.data_ptr(), []).append(name)
-    return {n for names in by_storage.values() if len(names) > 1 for n in names}
+        if not hasattr(tensor, "full_tensor"):
+            by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    return names | {n for group in by_storage.values() if len(group) > 1 for n in group}
 
 
-def load_model_weights(model: nn.Module, directory: str, info) -> None:
-    """Loads weights into the model, with a clear error when they belong to another model."""
-    state_dict = read_weights(directory) if info.is_main or not info.fsdp else {}
-    if info.fsdp and info.world_size > 1:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+def _mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], directory: str) -> str | None:
+    """Why `state_dict` cannot be loaded into `model`, or None when it fits.
 
-        set_model_state_dict(
-            model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        )
-        return
+    Shapes are compared with the model's global shapes, so sharded (DTensor) models are checked
+    like plain ones.
+    """
     own = model.state_dict()
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = sorted(k for k in state_dict if k in own and tuple(own[k].shape) != tuple(state_dict[k].shape))
     missing = sorted(set(own) - set(state_dict) - _tied_names(model))
-    if unexpected or mismatched or missing:
-        detail = "; ".join(
-            f"{label}: {names[:5]}{' ...' if len(names) > 5 else ''}"
-            for label, names in (("unexpected", unexpected), ("shape mismatch", mismatched), ("missing", missing))
-            if names
-        )
-        raise ValueError(
-            f"The checkpoint {directory} does not match {type(model).__name__} ({detail}). "
-            "Was it written for a different model or config?"
-        )
-    model.load_state_dict(state_dict, strict=False)
+    if not (unexpected or mismatched or missing):
+        return None
+    detail = "; ".join(
+        f"{label}: {names[:5]}{' ...' if len(names) > 5 else ''}"
+        for label, names in (("unexpected", unexpected), ("shape mismatch", mismatched), ("missing", missing))
+        if names
+    )
+    return (
+        f"The checkpoint {directory} does not match {type(model).__name__} ({detail}). "
+        "Was it written for a different model or config?"
+    )
+
+
+def load_model_weights(model: nn.Module, directory: str, info) -> None:
+    """Loads weights into the model, with a clear error when they belong to another model.
+
+    Under FSDP only rank 0 reads the file; its tensors are broadcast and each process keeps its
+    shard. Rank 0's verdict on the file is shared first, so a bad checkpoint raises the same error
+    on every process instead of leaving the others waiting in the broadcast.
+    """
+    if not info.sharded:
+        state_dict = read_weights(directory)
+        problem = _mismatch(model, state_dict, directory)
+        if problem:
+            raise ValueError(problem)
+        model.load_state_dict(state_dict, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state_dict, problem = {}, None
+    if info.is_main:
+        try:
+            state_dict = read_weights(directory)
+            problem = _mismatch(model, state_dict, directory)
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise ValueError(problem)
+    # strict=False: tied names are absent from the file (checked above) and come back with the tie.
+    set_model_state_dict(
+        model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    )
 
 
 def _rng_file(directory: str, info) -> str:
@@ -121,16 +190,19 @@ def _rng_file(directory: str, info) -> str:
 
 
 def save_training_state(state, directory: str, info) -> None:
-    """optimizer.pt / scheduler.pt (rank 0, or one shard per rank under FSDP) and per-rank RNG."""
+    """optimizer.pt (rank 0) or optimizer_shards/ (one shard per rank under FSDP), scheduler.pt, scaler.pt, RNG.
+
+    Under FSDP every process must call it: the shards are written collectively.
+    """
     os.makedirs(directory, exist_ok=True)
-    if info.fsdp and info.world_size > 1:
+    if info.sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save({"optimizer": get_optimizer_state_dict(state.model, state.optimizer)},
-                 checkpoint_id=os.path.join(directory, "optimizer_shards"))
+        optim_state = get_optimizer_state_dict(unwrap(state.model), state.optimizer)
+        dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(directory, OPTIMIZER_SHARDS_DIR))
     elif info.is_main:
-        torch.save(state.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(state.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_NAME))
     if info.is_main:
         torch.save(state.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         if state.scaler is not None:
@@ -159,20 +231,69 @@ def _numpy_safe_globals():
     return torch.serialization.safe_globals(allowed)
 
 
+def _load_sharded_optimizer(state, shards: str, info) -> None:
+    """Reads optimizer_shards/ into the optimizer, whatever the number of processes that wrote it.
+
+    The optimizer's own state dict (sharded DTensors under FSDP, full tensors otherwise) is the
+    template that torch.distributed.checkpoint fills in, resharding as needed.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = unwrap(state.model)
+    # get_optimizer_state_dict first creates the lazily built state (Adam moments) with a zero-lr
+    # step, so the template has a slot for every tensor in the files.
+    holder = {"optimizer": get_optimizer_state_dict(model, state.optimizer)}
+    single = not (info.world_size > 1 and dist.is_initialized())
+    with warnings.catch_warnings():
+        # One process reading shards is intended here; dcp warns about it anyway.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(holder, checkpoint_id=shards, no_dist=single)
+    set_optimizer_state_dict(model, state.optimizer, holder["optimizer"])
+
+
+def _load_full_optimizer_sharded(state, path: str) -> None:
+    """Reads a full optimizer.pt (one process, DDP or transformers) into an FSDP-sharded optimizer.
+
+    optimizer.pt names parameters by their position in the param groups; the distributed
+    state-dict API names them by parameter name, so positions are translated through this
+    optimizer's groups, which are built in the same order.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    model = unwrap(state.model)
+    saved = _load(path)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = state.optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups) or any(
+        len(s["params"]) != len(g["params"]) for s, g in zip(saved["param_groups"], groups)
+    ):
+        raise ValueError(f"{path} was written for other parameter groups than this optimizer's.")
+    key = {}
+    for saved_group, group in zip(saved["param_groups"], groups):
+        for index, param in zip(saved_group["params"], group["params"]):
+            key[index] = names[id(param)]
+    by_name = {
+        "state": {key[index]: value for index, value in saved["state"].items()},
+        "param_groups": [{**g, "params": [key[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+    # Every process read the whole file; each keeps the slice of its own shards.
+    set_optimizer_state_dict(model, state.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
 def load_training_state(state, directory: str, info) -> None:
     """Reads optimizer, scheduler, scaler and RNG state written by save_training_state (or by HF)."""
-    shards = os.path.join(directory, "optimizer_shards")
-    if info.fsdp and info.world_size > 1 and os.path.isdir(shards):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        holder = {"optimizer": get_optimizer_state_dict(state.model, state.optimizer)}
-        dcp.load(holder, checkpoint_id=shards)
-        set_optimizer_state_dict(state.model, state.optimizer, holder["optimizer"])
+    shards = os.path.join(directory, OPTIMIZER_SHARDS_DIR)
+    path = os.path.join(directory, OPTIMIZER_NAME)
+    if os.path.isdir(shards):
+        _load_sharded_optimizer(state, shards, info)
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{directory} has no {OPTIMIZER_NAME}: it cannot be resumed (was it saved with save_only_model?)."
+        )
+    elif info.sharded:
+        _load_full_optimizer_sharded(state, path)
     else:
-        path = os.path.join(directory, "optimizer.pt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory} has no optimizer.pt: it cannot be resumed (was it saved with save_only_model?).")
         state.optimizer.load_state_dict(_load(path))
     sched = os.path.join(directory, "scheduler.pt")
     if os.path.isfile(sched):
