@@ -351,7 +351,10 @@ def count_label_items(batches: Sequence[Mapping[str, Any]], shift_labels: bool) 
 
 def pad_and_concat(arrays: list[np.ndarray], padding_index: int = -100) -> np.ndarray:
     """Concatenates batches along dim 0, padding dim 1 with padding_index when lengths differ."""
-    arrays = [np.asarray(a) for a in arrays]
+    if len(arrays) == 1:
+        return np.asarray(arrays[0])  # one batch is returned as it is (a scalar stays a scalar, as in HF)
+    # Scalars (e.g. a loss among a tuple model output) are concatenated as one value per batch, as in HF.
+    arrays = [np.atleast_1d(np.asarray(a)) for a in arrays]
     if len(arrays[0].shape) < 2 or all(a.shape[1:] == arrays[0].shape[1:] for a in arrays):
         return np.concatenate(arrays, axis=0)
     width = max(a.shape[1] for a in arrays)

@@ -38,6 +38,19 @@ class _HostAccumulator:
         return data.nested_concat(self.host_chunks, padding_index=-100) if concat else self.host_chunks
 
 
+def _mark_last(batches):
+    """Yields (batch, is_last), looking one batch ahead (so streams know their last batch too)."""
+    iterator = iter(batches)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for upcoming in iterator:
+        yield current, False
+        current = upcoming
+    yield current, True
+
+
 def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_keys, metric_key_prefix) -> EvalLoopOutput:
     """Evaluates `loader` with the trainer's model; returns predictions, labels, metrics and sample count."""
     args, backend = trainer.args, trainer.backend
@@ -51,8 +64,8 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     handler.eval_dataloader = loader
     metrics = None
     observed = 0
-    batches = list(range(len(loader))) if loader.has_length() else None
-    for step, host_batch in enumerate(loader.epoch(0)):
+    main_input = getattr(trainer.model, "main_input_name", "input_ids")
+    for step, (host_batch, is_last) in enumerate(_mark_last(loader.epoch(0))):
         rows = data.batch_size_of(host_batch) or batch_size
         observed += rows
         num_items = None
@@ -62,23 +75,25 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
         batch = backend.shard_batch(host_batch)
         out = backend.eval_step(state, batch, loss_only, ignore_keys, trainer.label_names, num_items_in_batch=num_items)
         logits, batch_labels = out.logits, out.labels
+        batch_losses = None
         if out.loss is not None:
             # Each example weighs its batch's mean loss (HF's repeat + gather_for_metrics truncation).
-            losses.add(backend.repeat_scalar(out.loss, rows))
+            batch_losses = backend.repeat_scalar(out.loss, rows)
+            losses.add(batch_losses)
         if logits is not None and trainer.preprocess_logits_for_metrics is not None:
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         if keep_batches:
             preds.add(logits)
             labels.add(batch_labels)
             if "inputs" in include:
-                inputs.add(host_batch.get("input_ids"))
+                inputs.add(host_batch.get(main_input))
         trainer.control = handler.on_prediction_step(args, trainer.state, trainer.control)
         if args.batch_eval_metrics:
             if trainer.compute_metrics is not None and logits is not None and batch_labels is not None:
-                is_last = batches is not None and step == len(batches) - 1
+                # As in HF: per-example losses and the whole (device) input batch.
                 extra = {
-                    "losses": out.loss if "loss" in include else None,
-                    "inputs": host_batch if "inputs" in include else None,
+                    "losses": batch_losses if "loss" in include else None,
+                    "inputs": batch if "inputs" in include else None,
                 }
                 metrics = trainer.compute_metrics(
                     EvalPrediction(predictions=logits, label_ids=batch_labels, **extra), compute_result=is_last

@@ -326,6 +326,11 @@ class TrainingArguments:
         self.mesh = self._parse_mesh(self.mesh)
         self.sharding_rules = self._parse_sharding_rules(self.sharding_rules)
         self._validate()
+        # Multi-host JAX must start before any model touches a device; scripts build their
+        # arguments first, so this is the earliest point the trainer controls.
+        from .backends.registry import early_setup
+
+        early_setup(self)
 
     # ------------------------------------------------------------------ deprecated v4 names
     def _map_deprecated(self) -> None:

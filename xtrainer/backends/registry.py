@@ -7,6 +7,7 @@ accelerators present.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -95,3 +96,14 @@ def get_backend(name: str) -> Any:
     if name not in _REGISTRY:
         raise ValueError(f"backend={name!r} is not registered; available: {', '.join(available_backends())}.")
     return _REGISTRY[name][1]()()
+
+
+def early_setup(args) -> None:
+    """Process-level setup that must happen before any model is built (called by TrainingArguments).
+
+    Today: joining a multi-host JAX run when the environment asks for one.
+    """
+    if str(getattr(args, "backend", "auto")) in ("auto", "jax") and os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        from .jax.multihost import initialize_from_env
+
+        initialize_from_env()

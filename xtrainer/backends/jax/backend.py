@@ -8,7 +8,6 @@ with a warning that names what changed. Metrics stay on device; the front reads 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ...schedules import build_schedule, plateau_init, plateau_update
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
-from . import state_io
+from . import multihost, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
 from .optim import build_optimizer
@@ -48,23 +47,6 @@ def _path_str(path) -> str:
     return ".".join(parts)
 
 
-def maybe_initialize_distributed(args) -> None:
-    """Joins a multi-host JAX run when the environment describes one (JAX_COORDINATOR_ADDRESS etc.)."""
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address:
-        return
-    is_initialized = getattr(jax.distributed, "is_initialized", None)
-    if callable(is_initialized) and is_initialized():
-        return
-    if jax.config.jax_platforms in (None, "", "cpu") and "jax_cpu_collectives_implementation" in jax.config.values:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
-    jax.distributed.initialize(
-        coordinator_address=address,
-        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-        process_id=int(os.environ["JAX_PROCESS_ID"]),
-    )
-
-
 class JaxBackend:
     """Trains Flax NNX / linen / functional models with jitted SPMD steps (see module docstring)."""
 
@@ -81,7 +63,7 @@ class JaxBackend:
     # ------------------------------------------------------------------ setup
 
     def prepare(self, model: Any, args: Any, *, compute_loss_func: Any = None) -> Any:
-        maybe_initialize_distributed(args)
+        multihost.initialize_from_env()
         if getattr(args, "jax_compilation_cache_dir", None):
             jax.config.update("jax_compilation_cache_dir", args.jax_compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -108,8 +90,8 @@ class JaxBackend:
             self.adapter.params,
         )
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.device_put(self.adapter.params, self.param_shardings)
-        self.extra = jax.device_put(self.adapter.extra, self.replicated)
+        self.params = self._globalize(self.adapter.params, self.param_shardings)
+        self.extra = self._globalize(self.adapter.extra, self.replicated)
         self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
         self._host_step = 0
         self._plateau = None
@@ -169,12 +151,38 @@ class JaxBackend:
             lambda x: x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) == len(self.mesh.devices.flat) else self.replicated,
             state,
         )
-        state = jax.device_put(state, self.state_shardings)
+        state = self._globalize(state, self.state_shardings)
         self._host_step = 0
         self._compiled = {}
         return state
 
     # ------------------------------------------------------------------ data placement
+
+    def _globalize(self, tree, shardings):
+        """Places host or single-device values (equal on every process) as global arrays.
+
+        One process: a device_put. Several: each process fills only its addressable shards from its
+        own copy, since device_put cannot target devices of other hosts.
+        """
+        if not isinstance(shardings, NamedSharding):
+            return jax.tree.map(self._globalize_leaf, tree, shardings)
+        return jax.tree.map(lambda x: self._globalize_leaf(x, shardings), tree)
+
+    def _globalize_leaf(self, x, sharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if self.num_processes == 1:
+            return jax.device_put(x, sharding)
+        is_key = isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        host = np.asarray(jax.random.key_data(x) if is_key else x)
+        spec = tuple(sharding.spec) + (None,) * (host.ndim - len(sharding.spec))
+        leaf_sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
+        out = jax.make_array_from_callback(host.shape, leaf_sharding, lambda index: host[index])
+        return jax.random.wrap_key_data(out, impl=jax.random.key_impl(x)) if is_key else out
+
+    def _replicate(self, value) -> jax.Array:
+        """A small host value (the same on every process) as a replicated global array."""
+        return jax.make_array_from_process_local_data(self.replicated, np.asarray(value))
 
     def _place(self, array: np.ndarray, leading: int) -> jax.Array:
         spec = (None,) * leading + (BATCH_AXES,)
@@ -200,7 +208,7 @@ class JaxBackend:
         stacked = {k: np.stack([b[k] for b in padded]) for k in window[0]}
         mask = np.array([1.0] * real + [0.0] * (ga - real), dtype=np.float32)
         arrays = {k: self._place(v, 1) for k, v in stacked.items()}
-        return arrays, jax.device_put(mask, self.replicated), real
+        return arrays, self._replicate(mask), real
 
     # ------------------------------------------------------------------ steps
 
@@ -238,7 +246,7 @@ class JaxBackend:
     def train_step(self, state, window, num_items_in_batch):
         arrays, mask, real = window
         with_items = num_items_in_batch is not None
-        num_items = jax.device_put(np.float32(num_items_in_batch or 0), self.replicated)
+        num_items = self._replicate(np.float32(num_items_in_batch or 0))
         compiled = self._compile_train_step(state, arrays, mask, num_items, with_items)
         state, metrics = compiled(state, arrays, mask, num_items)
         multiplier = self.config.schedule(self._host_step)
@@ -259,8 +267,7 @@ class JaxBackend:
                                                                   compute_dtype=self.compute_dtype)
             fn = jax.jit(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items))
             self._eval_fns[key] = fn
-        num_items = jnp.float32(num_items_in_batch or 0)
-        loss, logits = fn(params, extra, batch.arrays, num_items)
+        loss, logits = fn(params, extra, batch.arrays, self._replicate(np.float32(num_items_in_batch or 0)))
         labels = None
         if has_labels:
             found = tuple(batch.host[name] for name in label_names)
@@ -286,7 +293,7 @@ class JaxBackend:
         if self._plateau is None:
             return
         self._plateau = plateau_update(self._plateau, value)
-        state["lr_scale"] = jax.device_put(jnp.float32(self._plateau.multiplier), self.replicated)
+        state["lr_scale"] = self._replicate(np.float32(self._plateau.multiplier))
 
     # ------------------------------------------------------------------ state I/O
 

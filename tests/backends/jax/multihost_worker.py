@@ -1,0 +1,40 @@
+"""One process of a multi-host JAX run on localhost (used by test_multihost.py).
+
+argv: output_dir, devices_per_process, per_device_batch, resume (0/1). The coordinator address,
+process count and id come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+(none for a single-process reference run).
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[2]}"
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import xtrainer  # noqa: E402
+from jax_models import RegressionMLP, regression_rows  # noqa: E402
+
+
+def main():
+    output_dir, per_device, resume = sys.argv[1], int(sys.argv[3]), sys.argv[4] == "1"
+    args = xtrainer.TrainingArguments(
+        output_dir, backend="jax", per_device_train_batch_size=per_device, max_steps=6, save_steps=3, logging_steps=1,
+        learning_rate=0.02, report_to="none", disable_tqdm=True, train_sampling_strategy="sequential",
+    )
+    trainer = xtrainer.Trainer(model=RegressionMLP(nnx.Rngs(0)), args=args, train_dataset=regression_rows(64))
+    trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-3") if resume else None)
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    params = [np.asarray(x).tolist() for x in jax.tree.leaves(jax.device_get(nnx.state(trainer.model, nnx.Param)))
+              if getattr(x, "is_fully_addressable", True)]
+    if jax.process_index() == 0:
+        print("RESULT=" + json.dumps({"losses": losses, "processes": jax.process_count(), "devices": jax.device_count(),
+                                      "params": params}))
+
+
+if __name__ == "__main__":
+    main()
