@@ -1,5 +1,6 @@
 """Bad input gets an error that names the problem, and nothing already written is lost."""
 
+import importlib.util
 import os
 
 import pytest
@@ -77,6 +78,12 @@ def test_unknown_backend_and_model_kind(tmp_path):
     with pytest.raises(ValueError, match="backend='torch_xla' is not available"):
         xtrainer.Trainer(model=RegressionModel(), args=xtrainer.TrainingArguments(str(tmp_path), backend="torch_xla"))
     with pytest.raises(TypeError, match="backend='jax' takes a flax.nnx.Module"):
+        xtrainer.Trainer(model=object(), args=xtrainer.TrainingArguments(str(tmp_path), backend="jax"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchax") is not None, reason="torchax is installed in this lane")
+def test_torch_model_on_jax_without_torchax_names_versions_and_fix(tmp_path):
+    with pytest.raises(ImportError, match=r"needs torchax.*torch 2\.\d+.*pip install 'xtrainer\[xla\]'"):
         xtrainer.Trainer(model=RegressionModel(), args=xtrainer.TrainingArguments(str(tmp_path), backend="jax"))
     with pytest.raises(ValueError, match="found no backend for a object"):
         xtrainer.Trainer(model=object(), args=xtrainer.TrainingArguments(str(tmp_path)))

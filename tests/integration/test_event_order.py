@@ -250,11 +250,6 @@ def test_resume_then_predict_and_evaluate(tmp_path):
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "xtrainer's backend runs forward, backward, clipping and the optimizer step as one train_step, and fires "
-    "on_pre_optimizer_step / on_optimizer_step after it: the names and order match, but a callback cannot see "
-    "the gradients before the update as it can in transformers"
-))
 def test_pre_optimizer_step_sees_gradients_before_the_update(tmp_path):
     def probe(lib):
         class Probe(lib.TrainerCallback):

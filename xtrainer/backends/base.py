@@ -31,6 +31,19 @@ class StepMetrics(NamedTuple):
     learning_rate: float
 
 
+class StepEvents(Protocol):
+    """Callback points inside one optimizer step, fired by the backend where they really happen.
+
+    A backend that runs the whole step as one compiled program (JAX) fires them, in order, after
+    dispatching it; the torch backend fires them between backward passes and around the update, so
+    `on_pre_optimizer_step` sees the gradients, as in transformers.
+    """
+
+    def substep_end(self) -> None: ...
+    def pre_optimizer_step(self) -> None: ...
+    def optimizer_step(self) -> None: ...
+
+
 class EvalOutput(NamedTuple):
     """One evaluation batch: backend-native arrays (the front calls preprocess_logits_for_metrics on them)."""
 
@@ -77,8 +90,8 @@ class Backend(Protocol):
         """Moves one accumulation window of host micro-batches to the device(s), in whatever layout
         train_step wants (a list of batches, or arrays stacked on a leading accumulation axis)."""
 
-    def train_step(self, state: Any, window: Any, num_items_in_batch: int | None) -> tuple[Any, StepMetrics]:
-        """One optimizer step over an accumulation window made by shard_window."""
+    def train_step(self, state: Any, window: Any, num_items_in_batch: int | None, events: StepEvents) -> tuple[Any, StepMetrics]:
+        """One optimizer step over an accumulation window made by shard_window, firing `events`."""
 
     def eval_step(self, state: Any, batch: Any, prediction_loss_only: bool, ignore_keys: list[str] | None, label_names: list[str]) -> EvalOutput:
         """Forward pass without gradients; returns loss (or None), logits (or None), labels (or None)."""

@@ -196,6 +196,10 @@ def make_adapter(model, seed: int = 0):
         return LinenAdapter(model)
     if isinstance(model, FunctionalModel):
         return FunctionalAdapter(model, seed)
+    if any(k.__module__.startswith("torch.nn") and k.__name__ == "Module" for k in type(model).__mro__):
+        from .torchax_bridge import TorchaxAdapter
+
+        return TorchaxAdapter(model)
     try:
         from flax import nnx
     except ImportError as exc:
@@ -205,6 +209,7 @@ def make_adapter(model, seed: int = 0):
     if type(model).__module__.startswith("flax.linen") or hasattr(model, "init") and hasattr(model, "apply"):
         raise TypeError("A flax.linen Module needs its variables: pass LinenModel(module, variables).")
     raise TypeError(
-        f"backend='jax' takes a flax.nnx.Module, LinenModel(module, variables) or FunctionalModel(init_fn, apply_fn); "
+        f"backend='jax' takes a flax.nnx.Module, LinenModel(module, variables), FunctionalModel(init_fn, apply_fn) "
+        f"or a torch.nn.Module (through torchax); "
         f"got {type(model).__name__}."
     )

@@ -107,6 +107,10 @@ class JaxBackend:
 
     def counts_label_items(self) -> tuple[bool, bool]:
         shifts = getattr(self.model, "loss_shifts_labels", None)
+        if shifts is None and self.adapter.kind == "torchax":  # an HF torch model: ask transformers, as on torch
+            from ..torch.backend import _loss_shifts_labels
+
+            shifts = _loss_shifts_labels(self.model)
         if shifts is None:
             shifts = type(self.model).__name__.endswith("ForCausalLM")
         return True, bool(shifts)
@@ -243,12 +247,17 @@ class JaxBackend:
         self._compiled[signature] = compiled
         return compiled
 
-    def train_step(self, state, window, num_items_in_batch):
+    def train_step(self, state, window, num_items_in_batch, events):
         arrays, mask, real = window
         with_items = num_items_in_batch is not None
         num_items = self._replicate(np.float32(num_items_in_batch or 0))
         compiled = self._compile_train_step(state, arrays, mask, num_items, with_items)
         state, metrics = compiled(state, arrays, mask, num_items)
+        # The whole step is one program: its callback points follow its (asynchronous) dispatch.
+        for _ in range(real - 1):
+            events.substep_end()
+        events.pre_optimizer_step()
+        events.optimizer_step()
         multiplier = self.config.schedule(self._host_step)
         if self._plateau is not None:
             multiplier = self._plateau.multiplier

@@ -65,6 +65,8 @@ def export_params(adapter, params, extra, directory: str) -> list[str]:
     if callable(exporter):
         exporter(directory)
         written += ["config.json", "model.safetensors"]
+    if adapter.kind == "torchax":  # a torch module: its own format is what save_pretrained wrote
+        return written
     host = jax.device_get(_pure(params))
     with open(os.path.join(directory, FLAX_WEIGHTS_NAME), "wb") as f:
         f.write(serialization.to_bytes(host))

@@ -214,7 +214,7 @@ class TorchBackend:
         # division inside the loss happens in float32 exactly as there.
         return None if num_items is None else torch.tensor(float(num_items), dtype=torch.float32, device=self.device)
 
-    def train_step(self, state: TorchState, window: Sequence[dict], num_items_in_batch: int | None):
+    def train_step(self, state: TorchState, window: Sequence[dict], num_items_in_batch: int | None, events):
         model, optimizer = state.model, state.optimizer
         model.train()
         num_items = self._num_items_tensor(num_items_in_batch)
@@ -233,10 +233,13 @@ class TorchBackend:
                 else:
                     loss.backward()
             losses.append(loss.detach().float())
+            if i < len(window) - 1:
+                events.substep_end()
         if state.scaler is not None:
             state.scaler.unscale_(optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
+        events.pre_optimizer_step()
         if state.scaler is not None:
             scale_before = state.scaler.get_scale()
             state.scaler.step(optimizer)
@@ -245,6 +248,7 @@ class TorchBackend:
         else:
             optimizer.step()
             skipped = False
+        events.optimizer_step()
         learning_rate = _current_lr(state.scheduler, optimizer)
         if not skipped:
             state.scheduler.step()

@@ -1,0 +1,119 @@
+"""A torch.nn.Module on the JAX backend, through torchax.
+
+The module's trainable parameters become a flat pytree of JAX arrays keyed by their torch names
+(so `sharding_rules` and the weight-decay mask use torch names), its buffers are kept apart as
+non-trained state, and its forward runs under torchax inside the same jitted step as Flax models.
+After training the torch module gets the trained weights back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TORCHAX_VERSION_HINT = "torchax 0.0.13 works with torch 2.9 (the Colab TPU stack): pip install 'xtrainer[xla]'"
+
+
+def import_torchax():
+    """torchax and its interop module, or an ImportError naming both versions and the fix."""
+    import torch
+
+    try:
+        import torchax
+        from torchax import interop
+    except Exception as exc:  # torchax raises assorted errors when it does not match the installed torch
+        try:
+            from importlib.metadata import version
+
+            torchax_version = version("torchax")
+        except Exception:
+            torchax_version = "not installed"
+        raise ImportError(
+            f"Training a torch module with backend='jax' needs torchax, which failed to import "
+            f"(torchax {torchax_version}, torch {torch.__version__}): {exc}. {TORCHAX_VERSION_HINT}; "
+            "or train it with backend='torch'."
+        ) from exc
+    return torchax, interop
+
+
+def _to_jax(tensor) -> jax.Array:
+    array = tensor.detach().cpu()
+    if str(array.dtype) == "torch.bfloat16":
+        return jnp.asarray(array.float().numpy(), dtype=jnp.bfloat16)
+    return jnp.asarray(array.numpy())
+
+
+@contextlib.contextmanager
+def _prng_key(env, key):
+    """Makes torchax draw dropout randomness from `key` (the step's explicit key) for one call."""
+    content = getattr(getattr(env, "_property", None), "content", None)
+    if content is None:
+        yield
+        return
+    content.append(env.param.override(prng=key))
+    try:
+        yield
+    finally:
+        content.pop()
+
+
+def _outputs_to_jax(outputs, interop) -> Any:
+    """HF ModelOutput / dict / tuple / tensor of torchax tensors -> the same structure of JAX arrays."""
+    if isinstance(outputs, Mapping):
+        return {k: interop.jax_view(v) for k, v in outputs.items() if v is not None and hasattr(v, "shape")}
+    if isinstance(outputs, (tuple, list)):
+        return tuple(interop.jax_view(v) for v in outputs if v is not None and hasattr(v, "shape"))
+    return interop.jax_view(outputs)
+
+
+class TorchaxAdapter:
+    """Adapter (see adapters.py) for a torch.nn.Module, via torchax.interop.JittableModule."""
+
+    kind = "torchax"
+
+    def __init__(self, module):
+        torchax, interop = import_torchax()
+        self.interop = interop
+        self.env = torchax.default_env()
+        self.module = module
+        # JittableModule keeps one name per tied parameter (e.g. GPT-2's lm_head / wte), and
+        # functional_call re-inflates the aliases, so ties survive the round trip.
+        self.jittable = interop.JittableModule(module)
+        self.params = {name: _to_jax(p) for name, p in self.jittable.params.items()}
+        self.extra = {name: _to_jax(b) for name, b in self.jittable.buffers.items()}
+        signature = inspect.signature(module.forward)
+        var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+        self.input_names = None if var_kw else list(signature.parameters)
+        self.accepts_num_items = var_kw or "num_items_in_batch" in signature.parameters
+        self.modes = set()
+
+    def apply(self, params, extra, inputs: Mapping, rng, train: bool):
+        interop = self.interop
+        names = self.input_names
+        kwargs = {k: v for k, v in inputs.items() if names is None or k in names}
+        with self.env, _prng_key(self.env, rng):
+            self.module.train(train)
+            outputs = self.jittable.functional_call(
+                "forward", interop.torch_view(params), interop.torch_view(extra), **interop.torch_view(kwargs)
+            )
+            return _outputs_to_jax(outputs, interop), extra
+
+    def logical_axes(self) -> dict:
+        return {}
+
+    def write_back(self, params, extra) -> Any:
+        import torch
+
+        host = jax.device_get(params)
+        with torch.no_grad():
+            for name, value in host.items():
+                target = self.module.get_parameter(name)
+                target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)).to(target.dtype))
+        self.module.train(True)
+        return self.module
