@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 _KNOWN = ("jax", "torch", "torch_xla")
+_EXTRAS = {"jax": "jax", "torch": "torch", "torch_xla": "xla"}
 
 
 def _torch_backend_factory():
@@ -77,18 +78,45 @@ def resolve_backend_name(requested: str, model: Any) -> str:
         if missing:
             raise ValueError(
                 f"backend={requested!r} needs {', '.join(missing)}, which is not installed: "
-                f"pip install 'xtrainer[{requested.split('_')[0]}]'."
+                f"pip install 'xtrainer[{_EXTRAS[requested]}]'."
             )
         return requested
     kind = model_kind(model)
-    if kind == "torch" and "torch" in available_backends():
-        return "torch"
-    if kind == "flax" and "jax" in available_backends():
+    available = available_backends()
+    if kind == "flax" and "jax" in available:
         return "jax"
+    if kind == "torch":
+        # On a TPU host a torch model goes to torch_xla (torch eager cannot use the TPU); elsewhere
+        # native torch runs it on CUDA/ROCm when present, else CPU. backend="jax" asks for torchax.
+        if detect_accelerator() == "tpu":
+            if "torch_xla" in available:
+                return "torch_xla"
+            if "jax" in available and _importable("torchax"):
+                return "jax"
+        if "torch" in available:
+            return "torch"
     raise ValueError(
         f"backend='auto' found no backend for a {type(model).__name__} (a {kind} model); "
-        f"available backends: {', '.join(available_backends()) or 'none'}. Pass backend=... explicitly."
+        f"available backends: {', '.join(available) or 'none'}. Pass backend=... explicitly."
     )
+
+
+def detect_accelerator() -> str:
+    """'tpu', 'gpu' or 'cpu': what this host has, judged without initialising any device runtime.
+
+    TPU VMs expose /dev/accel* (v2-v4, v6e) or /dev/vfio (v5e/v5p) and set TPU_* variables; PJRT_DEVICE=TPU
+    is torch_xla's own switch. GPUs are asked of torch when it is installed.
+    """
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU" or os.environ.get("TPU_ACCELERATOR_TYPE"):
+        return "tpu"
+    if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) and os.environ.get("PJRT_DEVICE", "").upper() != "CPU":
+        return "tpu"
+    if _importable("torch"):
+        import torch
+
+        if torch.cuda.is_available():
+            return "gpu"
+    return "cpu"
 
 
 def get_backend(name: str) -> Any:
