@@ -358,15 +358,12 @@ class Trainer:
         windows = self._windows(loader.epoch(epoch, start_batch), start_batch // ga, updates_per_epoch, remainder)
         step = start_batch - 1  # index of the last micro-batch consumed in this epoch
         metrics = None
+        events = _StepEvents(self)
         for window, num_items, device_window in _prefetch_one(windows, backend.shard_window):
             self._track_tokens(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-            self._backend_state, metrics = backend.train_step(self._backend_state, device_window, num_items)
+            self._backend_state, metrics = backend.train_step(self._backend_state, device_window, num_items, events)
             step += len(window)
-            for _ in range(len(window) - 1):
-                self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
-            self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
-            self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
             self._losses.add(metrics.loss, self.state.global_step - self._last_logged)
             self.state.global_step += 1
             self.state.epoch = epoch + (step + 1) / batches_per_epoch
@@ -561,6 +558,26 @@ class Trainer:
         from .evaluation import run_evaluation
 
         return run_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+
+class _StepEvents:
+    """The callback events inside an optimizer step, handed to the backend to fire (base.StepEvents)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def _fire(self, event: str) -> None:
+        t = self.trainer
+        t.control = getattr(t.callback_handler, event)(t.args, t.state, t.control)
+
+    def substep_end(self) -> None:
+        self._fire("on_substep_end")
+
+    def pre_optimizer_step(self) -> None:
+        self._fire("on_pre_optimizer_step")
+
+    def optimizer_step(self) -> None:
+        self._fire("on_optimizer_step")
 
 
 def _prefetch_one(windows, shard_window):

@@ -246,7 +246,9 @@ class TrainingArguments:
     mesh: dict | str | None = field(
         default=None, metadata=_help('Device mesh axis sizes, e.g. {"data": -1, "fsdp": 1, "tensor": 1}.')
     )
-    tpu_config: str | None = field(default=None, metadata=_help("Name of a TPU preset."))
+    tpu_config: str | None = field(
+        default=None, metadata=_help("TPU preset name (tpu_configs/, e.g. 'v5e-1') or path of a preset YAML file.")
+    )
     sharding_rules: list | str | None = field(
         default=None, metadata=_help("[[param_regex, partition_spec], ...] rules for parameter sharding.")
     )
@@ -325,6 +327,10 @@ class TrainingArguments:
 
         self.mesh = self._parse_mesh(self.mesh)
         self.sharding_rules = self._parse_sharding_rules(self.sharding_rules)
+        if self.tpu_config is not None:
+            from .tpu_presets import load_preset
+
+            load_preset(self.tpu_config)  # unknown or invalid preset: ValueError naming the valid ones
         self._validate()
         # Multi-host JAX must start before any model touches a device; scripts build their
         # arguments first, so this is the earliest point the trainer controls.

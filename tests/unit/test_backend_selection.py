@@ -5,10 +5,6 @@ import pytest
 from xtrainer.backends import registry
 
 
-
-
-
-
 def _fake(monkeypatch, accelerator, available, torchax=False):
     monkeypatch.setattr(registry, "detect_accelerator", lambda: accelerator)
     monkeypatch.setattr(registry, "available_backends", lambda: list(available))

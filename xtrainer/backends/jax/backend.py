@@ -69,7 +69,18 @@ class JaxBackend:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.args = args
         self.compute_loss_func = compute_loss_func
-        self.mesh_config = MeshConfig.resolve(args.mesh, jax.device_count())
+        mesh_spec = args.mesh
+        if getattr(args, "tpu_config", None):
+            from ...tpu_presets import check_against_devices, load_preset
+
+            preset = load_preset(args.tpu_config)
+            if jax.default_backend() != "tpu":
+                logger.warning("tpu_config=%r on %s devices: only the device counts are checked.",
+                               preset.name, jax.default_backend())
+            check_against_devices(preset, jax.device_count(), jax.process_count())
+            if mesh_spec is None:
+                mesh_spec = preset.mesh_dict()
+        self.mesh_config = MeshConfig.resolve(mesh_spec, jax.device_count())
         self.mesh = build_mesh(self.mesh_config)
         self.num_processes, self.process_index = jax.process_count(), jax.process_index()
         if self.mesh_config.batch_devices % self.num_processes:
