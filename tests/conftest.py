@@ -5,6 +5,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 # JAX tests run on 8 fake CPU devices; this must be set before jax is first imported.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# In the XLA lane transformers would move its own Trainer (the parity baseline) onto the torch_xla
+# device; the baseline is measured on CPU in both lanes. xtrainer's torch_xla tests use torch_xla
+# directly, so this only affects transformers' own checks.
+os.environ.setdefault("USE_TORCH_XLA", "0")
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

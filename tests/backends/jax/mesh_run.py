@@ -10,7 +10,8 @@ import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[1]}"
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))  # test_mesh (AnnotatedMLP)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests/: jax_models
 
 from flax import nnx  # noqa: E402
 

@@ -10,7 +10,7 @@ import os
 import sys
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[2]}"
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # tests/: jax_models
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

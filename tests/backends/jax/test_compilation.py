@@ -40,7 +40,7 @@ def test_first_compile_time_is_logged(tmp_path, caplog):
 
 def test_persistent_compilation_cache_is_written_and_reused(tmp_path):
     cache = tmp_path / "cache"
-    code = SCRIPT.format(here=HERE, out=str(tmp_path / "out"), cache=str(cache))
+    code = SCRIPT.format(here=os.path.dirname(os.path.dirname(HERE)), out=str(tmp_path / "out"), cache=str(cache))
     env = dict(os.environ, PYTHONPATH=ROOT)
 
     def run():
