@@ -61,7 +61,11 @@ def export_params(adapter, params, extra, directory: str) -> list[str]:
     os.makedirs(directory, exist_ok=True)
     written = []
     model = adapter.write_back(params, extra)
-    exporter = getattr(model, "save_pretrained", None)
+    exporter = getattr(model, "save_pretrained", None)  # a torch (transformers) module
+    if not callable(exporter) and type(model).__module__.startswith("xtrainer.models"):
+        from ...models import save_pretrained  # reference models: transformers' format
+
+        exporter = lambda d: save_pretrained(model, d)  # noqa: E731
     if callable(exporter):
         exporter(directory)
         written += ["config.json", "model.safetensors"]
