@@ -13,3 +13,25 @@ os.environ.setdefault("USE_TORCH_XLA", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _baseline_dataloaders_without_pinned_memory():
+    """In the XLA lane, torch_xla registers a PrivateUse1 device without the hooks that pinned
+    memory needs, so transformers' own Trainer (the parity baseline, which pins by default) fails
+    in its DataLoader. The baseline's numerics do not depend on pinning: turn it off there."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None or importlib.util.find_spec("torch") is None:
+        return
+    import torch.utils.data
+
+    original = torch.utils.data.DataLoader.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["pin_memory"] = False
+        original(self, *args, **kwargs)
+
+    torch.utils.data.DataLoader.__init__ = init
+
+
+_baseline_dataloaders_without_pinned_memory()
