@@ -15,9 +15,9 @@ test: test-main test-xla
 test-main:
 	venv=$$(scripts/ensure_venv.sh main); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q $(PYTEST_ARGS)
 
-# XLA lane: the Colab TPU runtime's stack (torch/torch_xla 2.9, jax 0.7.2, transformers 5.15).
+# XLA lane: the Colab TPU runtime's stack (torch/torch_xla 2.9, jax 0.7.2, transformers 5.15), whole suite.
 test-xla:
-	venv=$$(scripts/ensure_venv.sh xla); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests/unit -q $(PYTEST_ARGS)
+	venv=$$(scripts/ensure_venv.sh xla); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q $(PYTEST_ARGS)
 
 venv-main:
 	scripts/ensure_venv.sh main
