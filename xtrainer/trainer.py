@@ -35,66 +35,19 @@ from .callbacks import (
     restore_callback_states,
 )
 from .loaders import DatasetLoader
+from .loop_support import LossTracker, StepEvents, prefetch_one, speed_metrics
 from .trainer_utils import (
     EvalLoopOutput,
     EvalPrediction,
     PredictionOutput,
     SaveStrategy,
     TrainOutput,
-    denumpify_detensorize,
     set_seed,
     sorted_checkpoints,
 )
 from .training_args import TrainingArguments
 
 logger = logging.getLogger(__name__)
-
-
-def speed_metrics(split: str, start_time: float, num_samples=None, num_steps=None, num_tokens=None) -> dict:
-    """Runtime and throughput of a train/eval/predict call, named like transformers' metrics."""
-    runtime = time.time() - start_time
-    result = {f"{split}_runtime": round(runtime, 4)}
-    if runtime == 0:
-        return result
-    if num_samples is not None:
-        result[f"{split}_samples_per_second"] = round(num_samples / runtime, 3)
-    if num_steps is not None:
-        result[f"{split}_steps_per_second"] = round(num_steps / runtime, 3)
-    if num_tokens is not None:
-        result[f"{split}_tokens_per_second"] = round(num_tokens / runtime, 3)
-    return result
-
-
-class _LossTracker:
-    """Per-micro-batch losses kept on device between logs, reduced on the host at log time.
-
-    Reproduces HF's running `tr_loss`, including `logging_nan_inf_filter` (a non-finite loss is
-    replaced by the running mean), without reading the device every step.
-    """
-
-    def __init__(self, nan_inf_filter: bool):
-        self.nan_inf_filter = nan_inf_filter
-        self.pending: list[tuple[Any, int]] = []  # (device losses of one step, steps since last log)
-        self.total = 0.0  # every drained loss of this train() call
-
-    def add(self, losses, steps_since_log: int) -> None:
-        self.pending.append((losses, steps_since_log))
-
-    def drain(self, to_host: Callable) -> float:
-        """Sum of the pending losses (a float32 running sum, as in HF), then forget them."""
-        if not self.pending:
-            return 0.0
-        host = to_host([losses for losses, _ in self.pending])
-        running = np.float32(0.0)
-        for values, (_, steps) in zip(host, self.pending):
-            for value in np.atleast_1d(np.asarray(values, dtype=np.float32)):
-                if self.nan_inf_filter and not np.isfinite(value):
-                    running = running + running / np.float32(1 + steps)
-                else:
-                    running = running + value
-        self.pending = []
-        self.total += float(running)
-        return float(running)
 
 
 class Trainer:
@@ -307,7 +260,7 @@ class Trainer:
         self._sync_handler_refs(loader)
         counts_items, shifts = backend.counts_label_items()
         self._count_items, self._shift_labels = counts_items, shifts
-        self._losses = _LossTracker(args.logging_nan_inf_filter)
+        self._losses = LossTracker(args.logging_nan_inf_filter)
         self._last_logged = self.state.global_step
         initial_step = self.state.global_step
         self._tokens_at_start = self.state.num_input_tokens_seen
@@ -317,11 +270,10 @@ class Trainer:
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start:
             self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
-        metrics = None
         for epoch in range(epochs_done, num_epochs):
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             start = skip_batches if epoch == epochs_done else 0
-            metrics = self._run_epoch(loader, epoch, start, batches_per_epoch, updates_per_epoch, trial, ignore_keys_for_eval, start_time)
+            self._run_epoch(loader, epoch, start, batches_per_epoch, updates_per_epoch, trial, ignore_keys_for_eval, start_time)
             if self.control.should_training_stop:
                 break
         return self._finish_training(initial_step, max_steps, loader, start_time, trial)
@@ -358,8 +310,8 @@ class Trainer:
         windows = self._windows(loader.epoch(epoch, start_batch), start_batch // ga, updates_per_epoch, remainder)
         step = start_batch - 1  # index of the last micro-batch consumed in this epoch
         metrics = None
-        events = _StepEvents(self)
-        for window, num_items, device_window in _prefetch_one(windows, backend.shard_window):
+        events = StepEvents(self)
+        for window, num_items, device_window in prefetch_one(windows, backend.shard_window):
             self._track_tokens(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self._backend_state, metrics = backend.train_step(self._backend_state, device_window, num_items, events)
@@ -376,7 +328,6 @@ class Trainer:
             self.control.should_training_stop = True
         self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
         self._maybe_log_save_evaluate(metrics, trial, ignore_keys, start_time)
-        return metrics
 
     def _track_tokens(self, window) -> None:
         mode = self.args.include_num_input_tokens_seen
@@ -558,42 +509,6 @@ class Trainer:
         from .evaluation import run_evaluation
 
         return run_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-
-
-class _StepEvents:
-    """The callback events inside an optimizer step, handed to the backend to fire (base.StepEvents)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def _fire(self, event: str) -> None:
-        t = self.trainer
-        t.control = getattr(t.callback_handler, event)(t.args, t.state, t.control)
-
-    def substep_end(self) -> None:
-        self._fire("on_substep_end")
-
-    def pre_optimizer_step(self) -> None:
-        self._fire("on_pre_optimizer_step")
-
-    def optimizer_step(self) -> None:
-        self._fire("on_optimizer_step")
-
-
-def _prefetch_one(windows, shard_window):
-    """Yields (window, num_items, device_window), with the next window already sent to the device.
-
-    The transfer of window N+1 is started before step N is dispatched, so on asynchronous backends
-    (JAX) it overlaps with step N's compute instead of following it.
-    """
-    upcoming = None
-    for window, num_items in windows:
-        ready = (window, num_items, shard_window(window))
-        if upcoming is not None:
-            yield upcoming
-        upcoming = ready
-    if upcoming is not None:
-        yield upcoming
 
 
 def _value(enum_or_str) -> str:

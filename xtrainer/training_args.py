@@ -18,6 +18,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from .args_checks import BACKENDS, LOG_LEVELS, validate
+from .sharding import MESH_AXES
 from .trainer_utils import (
     IntervalStrategy,
     OptimizerNames,
@@ -28,16 +30,6 @@ from .trainer_utils import (
 
 logger = logging.getLogger(__name__)
 
-LOG_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-    "passive": -1,
-}
-BACKENDS = ("auto", "jax", "torch", "torch_xla")
-MESH_AXES = ("data", "fsdp", "tensor")
 
 # v4 names removed in transformers 5 that are still accepted; they are reset to None once mapped, and left
 # out of `to_dict()`. `logging_dir` and `gradient_checkpointing*` stay real attributes.
@@ -443,91 +435,7 @@ class TrainingArguments:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        def fail(msg):
-            raise ValueError(msg)
-
-        if self.backend not in BACKENDS:
-            fail(f"`backend`={self.backend!r} is not supported; choose one of: {', '.join(BACKENDS)}.")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                fail(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.eval_accumulation_steps is not None and self.eval_accumulation_steps < 1:
-            fail(f"`eval_accumulation_steps` must be >= 1 or None, got {self.eval_accumulation_steps}.")
-        if self.max_steps < -1 or self.max_steps != int(self.max_steps):
-            fail(f"`max_steps` must be a non-negative integer or -1 (use num_train_epochs), got {self.max_steps}.")
-        if self.num_train_epochs < 0:
-            fail(f"`num_train_epochs` must be >= 0, got {self.num_train_epochs}.")
-        if self.warmup_steps < 0:
-            fail(f"`warmup_steps` must be >= 0 (a float < 1 is a ratio), got {self.warmup_steps}.")
-        if self.eval_delay < 0:
-            fail(f"`eval_delay` must be >= 0, got {self.eval_delay}.")
-        if self.save_total_limit is not None and self.save_total_limit < 0:
-            fail(f"`save_total_limit` must be >= 0 or None, got {self.save_total_limit}.")
-        if self.logging_strategy == IntervalStrategy.STEPS and self.logging_steps == 0:
-            fail("logging_strategy='steps' requires a non-zero `logging_steps`.")
-        for name, strategy in (
-            ("logging_steps", self.logging_strategy),
-            ("eval_steps", self.eval_strategy),
-            ("save_steps", self.save_strategy),
-        ):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if value < 0:
-                fail(f"`{name}` must be >= 0 (a float in (0, 1) is a ratio of the total steps), got {value}.")
-            if strategy == "steps" and value > 1:
-                if value != int(value):
-                    fail(f"`{name}` must be an integer when larger than 1, got {value}.")
-                setattr(self, name, int(value))
-
-        if self.load_best_model_at_end and self.save_strategy != SaveStrategy.BEST:
-            if self.save_strategy == SaveStrategy.NO:
-                fail("`load_best_model_at_end` needs checkpoints: set `save_strategy` to 'steps', 'epoch' or 'best'.")
-            if self.eval_strategy != self.save_strategy:
-                fail(
-                    "`load_best_model_at_end` requires `eval_strategy` and `save_strategy` to match (or "
-                    f"save_strategy='best'); got eval_strategy={self.eval_strategy.value!r}, "
-                    f"save_strategy={self.save_strategy.value!r}."
-                )
-            if self.eval_strategy == IntervalStrategy.STEPS:
-                save, ev = self.save_steps, self.eval_steps
-                if (save < 1) != (ev < 1):
-                    fail(
-                        "`load_best_model_at_end` cannot guarantee `save_steps` is a multiple of `eval_steps` when "
-                        f"one is a ratio and the other absolute (save_steps={save}, eval_steps={ev})."
-                    )
-                if round(save * 1_000_000) % round(ev * 1_000_000) != 0:
-                    fail(
-                        "`load_best_model_at_end` requires `save_steps` to be a multiple of `eval_steps`; got "
-                        f"save_steps={save}, eval_steps={ev}."
-                    )
-        if self.save_strategy == SaveStrategy.BEST:
-            if self.metric_for_best_model is None:
-                fail("save_strategy='best' requires `metric_for_best_model` (or load_best_model_at_end=True).")
-            if self.eval_strategy == IntervalStrategy.NO:
-                fail("save_strategy='best' needs evaluations: set `eval_strategy` to 'steps' or 'epoch'.")
-        if self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU and self.eval_strategy == IntervalStrategy.NO:
-            fail("lr_scheduler_type='reduce_lr_on_plateau' requires an `eval_strategy` other than 'no'.")
-
-        if self.fp16 and self.bf16:
-            fail("`fp16` and `bf16` cannot both be True; pick one.")
-        if self.fp16_full_eval and self.bf16_full_eval:
-            fail("`fp16_full_eval` and `bf16_full_eval` cannot both be True; pick one.")
-        if self.include_num_input_tokens_seen not in ("all", "non_padding", "no"):
-            fail(
-                "`include_num_input_tokens_seen` must be 'all', 'non_padding', 'no' or a bool, "
-                f"got {self.include_num_input_tokens_seen!r}."
-            )
-        for name in ("log_level", "log_level_replica"):
-            if getattr(self, name) not in LOG_LEVELS:
-                fail(f"`{name}`={getattr(self, name)!r} is not valid; choose one of: {', '.join(LOG_LEVELS)}.")
-        if self.dataloader_num_workers < 0:
-            fail(f"`dataloader_num_workers` must be >= 0, got {self.dataloader_num_workers}.")
-        if self.dataloader_num_workers == 0 and self.dataloader_prefetch_factor is not None:
-            fail("`dataloader_prefetch_factor` needs `dataloader_num_workers` > 0.")
-        bad = sorted(set(self.include_for_metrics) - {"inputs", "loss"})
-        if bad:
-            fail(f"`include_for_metrics` accepts 'inputs' and 'loss', got {bad}.")
+        validate(self)
 
     # ------------------------------------------------------------------ properties
     @property
