@@ -31,6 +31,10 @@ def _jax_backend_factory():
 _REGISTRY: dict[str, tuple[tuple[str, ...], Callable[[], type]]] = {
     "torch": (("torch",), _torch_backend_factory),
     "jax": (("jax", "flax", "optax", "orbax.checkpoint"), _jax_backend_factory),
+    "torch_xla": (
+        ("torch", "torch_xla"),
+        lambda: importlib.import_module(".torch_xla.backend", __package__).TorchXlaBackend,
+    ),
 }
 
 

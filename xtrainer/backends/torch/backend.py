@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
