@@ -84,7 +84,8 @@ def _deprecated(old: str, new: str) -> None:
 class TrainingArguments:
     """The arguments of a training/evaluation run, named and defaulted as in transformers 5.x.
 
-    Extra xtrainer fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`.
+    Extra xtrainer fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`,
+    and the torch_xla static-shape policy `xla_pad_batches`, `xla_seq_bucket`, `xla_max_graphs`, `xla_on_recompile`.
     Dict-typed fields also accept a JSON string (as on the command line).
     """
 
@@ -245,6 +246,11 @@ class TrainingArguments:
         default=None, metadata=_help("[[param_regex, partition_spec], ...] rules for parameter sharding.")
     )
     jax_compilation_cache_dir: str | None = field(default=None, metadata=_help("Persistent JAX compile cache."))
+    # torch_xla static-shape policy; None means the XTRAINER_XLA_* environment variable, else the default.
+    xla_pad_batches: bool | None = field(default=None, metadata=_help("torch_xla: pad batches to static shapes (default true)."))
+    xla_seq_bucket: str | None = field(default=None, metadata=_help('torch_xla: sequence bucket: "pow2", a multiple, or "none".'))
+    xla_max_graphs: int | None = field(default=None, metadata=_help("torch_xla: train-step graphs before the recompilation guard fires (8)."))
+    xla_on_recompile: str | None = field(default=None, metadata=_help('torch_xla: "warn" or "raise" past xla_max_graphs.'))
 
     # --- v4 names (deprecated) ---
     warmup_ratio: float | None = field(default=None, metadata=_help("Deprecated: use warmup_steps < 1."))
