@@ -393,3 +393,25 @@ def plateau_update(state: PlateauState, metric) -> PlateauState:
             lr = new_lr
         cooldown_counter, bad = state.cooldown, 0
     return dataclasses.replace(state, lr=lr, best=best, num_bad_epochs=bad, cooldown_counter=cooldown_counter)
+
+
+def schedule_from_args(args, num_training_steps: int) -> Callable:
+    """The step -> multiplier schedule that TrainingArguments describe (lr_scheduler_type, warmup, kwargs).
+
+    For reduce_lr_on_plateau this is the constant 1.0; `plateau_from_args` gives its metric-driven part.
+    """
+    return build_schedule(
+        getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        num_training_steps=num_training_steps,
+        num_warmup_steps=args.get_warmup_steps(num_training_steps),
+        learning_rate=args.learning_rate,
+        scheduler_kwargs=args.lr_scheduler_kwargs or {},
+    )
+
+
+def plateau_from_args(args) -> PlateauState | None:
+    """The initial reduce-on-plateau state for lr_scheduler_type="reduce_lr_on_plateau", else None."""
+    if getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) != "reduce_lr_on_plateau":
+        return None
+    return plateau_init(learning_rate=args.learning_rate, scheduler_kwargs=args.lr_scheduler_kwargs or {})
+

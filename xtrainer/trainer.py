@@ -105,8 +105,11 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizers
         self.label_names = self.args.label_names or self.backend.default_label_names()
         self._backend_state = None
-        default = [DefaultFlowCallback, PrinterCallback if self.args.disable_tqdm else ProgressCallback]
-        self.callback_handler = CallbackHandler(default + list(callbacks or []), self.model, processing_class, *optimizers)
+        # Same order as transformers: flow control, the user's callbacks, then the progress display.
+        progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
+        self.callback_handler = CallbackHandler(
+            [DefaultFlowCallback, *(callbacks or []), progress], self.model, processing_class, *optimizers
+        )
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
         )

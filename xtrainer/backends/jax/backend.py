@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ...schedules import build_schedule, plateau_init, plateau_update
+from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
 from . import multihost, state_io
@@ -128,16 +128,8 @@ class JaxBackend:
 
     def _step_config(self, num_training_steps: int) -> StepConfig:
         args = self.args
-        name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-        if name == "reduce_lr_on_plateau":
-            self._plateau = plateau_init(learning_rate=args.learning_rate, scheduler_kwargs=args.lr_scheduler_kwargs or {})
-        schedule = build_schedule(
-            name,
-            num_training_steps=num_training_steps,
-            num_warmup_steps=args.get_warmup_steps(num_training_steps),
-            learning_rate=args.learning_rate,
-            scheduler_kwargs=args.lr_scheduler_kwargs or {},
-        )
+        self._plateau = plateau_from_args(args)
+        schedule = schedule_from_args(args, num_training_steps)
         return StepConfig(
             learning_rate=args.learning_rate,
             schedule=schedule,

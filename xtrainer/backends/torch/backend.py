@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...schedules import build_schedule, plateau_init, plateau_update
+from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
 from . import distributed, state_io
 from .optim import build_optimizer
@@ -69,6 +69,14 @@ class PlateauScheduler(torch.optim.lr_scheduler.LRScheduler):
         state_dict = dict(state_dict)
         self.plateau = type(self.plateau)(**state_dict.pop("plateau"))
         self.__dict__.update(state_dict)
+
+
+def build_lr_scheduler(optimizer, args, num_training_steps: int):
+    """A torch scheduler driven by the shared schedules: LambdaLR, or PlateauScheduler for reduce_lr_on_plateau."""
+    plateau = plateau_from_args(args)
+    if plateau is not None:
+        return PlateauScheduler(optimizer, plateau)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_from_args(args, num_training_steps))
 
 
 def _accepts_loss_kwargs(model: nn.Module) -> bool:
@@ -159,20 +167,7 @@ class TorchBackend:
         optimizer, scheduler = optimizers
         optimizer = optimizer or build_optimizer(runner if self.dist.fsdp else self.model, args)
         if scheduler is None:
-            name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-            if name == "reduce_lr_on_plateau":
-                scheduler = PlateauScheduler(
-                    optimizer, plateau_init(learning_rate=args.learning_rate, scheduler_kwargs=args.lr_scheduler_kwargs or {})
-                )
-            else:
-                multiplier = build_schedule(
-                    name,
-                    num_training_steps=num_training_steps,
-                    num_warmup_steps=args.get_warmup_steps(num_training_steps),
-                    learning_rate=args.learning_rate,
-                    scheduler_kwargs=args.lr_scheduler_kwargs or {},
-                )
-                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+            scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
         scaler = None
         if args.fp16:
             scaler = torch.amp.GradScaler(self.device.type)

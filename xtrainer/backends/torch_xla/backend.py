@@ -44,11 +44,17 @@ import torch_xla.core.xla_model as xm
 import torch_xla.runtime as xr
 from torch import nn
 
-from ...schedules import build_schedule, plateau_init
 from ...sharding import MeshConfig, parse_sharding_rules
 from ..base import EvalOutput, StepMetrics
 from ..torch import distributed, state_io
-from ..torch.backend import PlateauScheduler, TorchBackend, TorchState, _accepts_loss_kwargs, _current_lr, _loss_shifts_labels
+from ..torch.backend import (
+    TorchBackend,
+    TorchState,
+    _accepts_loss_kwargs,
+    _current_lr,
+    _loss_shifts_labels,
+    build_lr_scheduler,
+)
 from ..torch.optim import build_optimizer
 from . import spmd
 from .static_shapes import PadPolicy, Padded, batch_signature, describe_change, pad_batch
@@ -276,19 +282,7 @@ class TorchXlaBackend(TorchBackend):
         else:
             self._adopt_optimizer(optimizer)
         if scheduler is None:
-            name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-            if name == "reduce_lr_on_plateau":
-                plateau = plateau_init(learning_rate=args.learning_rate, scheduler_kwargs=args.lr_scheduler_kwargs or {})
-                scheduler = PlateauScheduler(optimizer, plateau)
-            else:
-                multiplier = build_schedule(
-                    name,
-                    num_training_steps=num_training_steps,
-                    num_warmup_steps=args.get_warmup_steps(num_training_steps),
-                    learning_rate=args.learning_rate,
-                    scheduler_kwargs=args.lr_scheduler_kwargs or {},
-                )
-                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+            scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
         self._graphs = 0
         self._seen: set = set()
         self._last_signature = None
