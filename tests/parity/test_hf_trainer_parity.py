@@ -106,3 +106,12 @@ def test_evaluate_and_predict_match_hf(tmp_path):
     np.testing.assert_allclose(xp.predictions[0], hp.predictions[0], rtol=1e-6)
     np.testing.assert_allclose(xp.label_ids, hp.label_ids)
     assert xp.metrics["test_loss"] == pytest.approx(hp.metrics["test_loss"], rel=1e-6)
+
+
+def test_label_smoothing_matches_hf(tmp_path):
+    hf, xt = _run_both(
+        tiny_gpt2(), lm_data(16), tmp_path, max_steps=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+        per_device_train_batch_size=2, label_smoothing_factor=0.1,
+    )
+    _assert_same_history(hf, xt)
+    _assert_same_weights(hf.model, xt.model)

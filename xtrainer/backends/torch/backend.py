@@ -98,6 +98,15 @@ def _loss_shifts_labels(model: nn.Module) -> bool:
     )
 
 
+def _is_causal_lm_class(model: nn.Module) -> bool:
+    """Whether transformers lists the model's class as a causal LM (its label smoother then shifts labels)."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def _label_names(model: nn.Module) -> list[str]:
     """Forward arguments that carry labels (HF's find_labels)."""
     params = inspect.signature(model.forward).parameters
@@ -140,6 +149,7 @@ class TorchBackend:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
+        self.is_causal_lm = _is_causal_lm_class(model)
         return model
 
     def _pick_device(self, args) -> torch.device:
@@ -189,12 +199,18 @@ class TorchBackend:
 
     def _compute_loss(self, model, inputs: dict, num_items, return_outputs: bool = False):
         inputs = dict(inputs)
-        labels = inputs.pop("labels", None) if self.compute_loss_func is not None else None
+        smoothing = self.args.label_smoothing_factor
+        # A user loss or label smoothing takes the labels away from the model (as in HF).
+        takes_labels = self.compute_loss_func is not None or (smoothing and "labels" in inputs)
+        labels = inputs.pop("labels", None) if takes_labels else None
         if self.accepts_loss_kwargs and num_items is not None:
             inputs["num_items_in_batch"] = num_items
         outputs = model(**inputs)
         if self.compute_loss_func is not None:
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items)
+        elif labels is not None:
+            logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+            loss = label_smoothed_loss(logits, labels, smoothing, num_items, shift=self.is_causal_lm)
         else:
             loss = _extract_loss(outputs, inputs)
         if self.args.average_tokens_across_devices and num_items is not None and (
@@ -332,6 +348,24 @@ class TorchBackend:
 
     def barrier(self) -> None:
         distributed.barrier(self.dist)
+
+
+def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: bool = False) -> torch.Tensor:
+    """Cross entropy with label smoothing, as transformers' LabelSmoother computes it.
+
+    Positions labelled -100 do not count; with `num_items` the sums are divided by the window's
+    token count (HF's gradient-accumulation normalisation); `shift` aligns causal-LM labels.
+    """
+    if shift:
+        logits, labels = logits[..., :-1, :].contiguous(), labels[..., 1:].contiguous()
+    log_probs = -nn.functional.log_softmax(logits, dim=-1)
+    if labels.dim() == log_probs.dim() - 1:
+        labels = labels.unsqueeze(-1)
+    padding = labels.eq(-100)
+    nll = log_probs.gather(dim=-1, index=torch.clamp(labels, min=0)).masked_fill(padding, 0.0)
+    smoothed = log_probs.sum(dim=-1, keepdim=True, dtype=torch.float32).masked_fill(padding, 0.0)
+    active = num_items if num_items is not None else padding.numel() - padding.long().sum()
+    return (1 - epsilon) * nll.sum() / active + epsilon * smoothed.sum() / (active * log_probs.shape[-1])
 
 
 def _current_lr(scheduler, optimizer) -> float:

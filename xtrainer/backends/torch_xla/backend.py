@@ -52,6 +52,7 @@ from ..torch.backend import (
     TorchState,
     _accepts_loss_kwargs,
     _current_lr,
+    _is_causal_lm_class,
     _loss_shifts_labels,
     build_lr_scheduler,
 )
@@ -261,6 +262,7 @@ class TorchXlaBackend(TorchBackend):
         self.model, self.param_specs = spmd.place_model(model, self.placement)
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
+        self.is_causal_lm = _is_causal_lm_class(model)
         self.policy = PadPolicy(
             rows=self.options.pad_batches,
             seq_bucket=self.options.seq_bucket if self.options.pad_batches else None,
