@@ -133,20 +133,10 @@ def probe_torch_xla_devices() -> dict[str, Any]:
     if not _importable("torch_xla"):
         return {"status": "torch_xla not installed"}
     try:
-        import torch_xla
-        import torch_xla.runtime as xr
+        from .backends.torch_xla.devices import list_devices
 
-        devices = torch_xla.devices() if hasattr(torch_xla, "devices") else None
-        if devices is None:
-            import torch_xla.core.xla_model as xm
-
-            devices = xm.get_xla_supported_devices()
-        return {
-            "status": "ok",
-            "device_type": xr.device_type(),
-            "device_count": len(devices),
-            "devices": _listing([str(d) for d in devices]),
-        }
+        info = list_devices()
+        return {**info, "devices": _listing(info["devices"])}
     except Exception as exc:  # noqa: BLE001
         return {"status": _error(exc)}
 
