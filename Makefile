@@ -19,6 +19,11 @@ test-main:
 test-xla:
 	venv=$$(scripts/ensure_venv.sh xla); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q $(PYTEST_ARGS)
 
+# Side-by-side benchmark vs transformers' Trainer and bare loops (bench/harness.py; writes bench/RESULTS.md).
+.PHONY: bench
+bench:
+	venv=$$(scripts/ensure_venv.sh main); PYTHONPATH=$(CURDIR) XTRAINER_BENCH_VIA_MAKE=1 $$venv/bin/python bench/harness.py $(BENCH_ARGS)
+
 venv-main:
 	scripts/ensure_venv.sh main
 venv-xla:
