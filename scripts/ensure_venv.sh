@@ -14,6 +14,10 @@ req="$root/requirements/$lane.txt"
 hash="$(sha256sum "$req" | cut -c1-16)"
 cache="${XTRAINER_VENV_CACHE:-$HOME/.cache/xtrainer-venvs}"
 venv="$cache/$lane-$hash"
+mkdir -p "$cache"
+# One build at a time per venv: a second caller waits for the first instead of deleting its work.
+exec 9>"$venv.lock"
+flock 9
 if [ ! -f "$venv/.complete" ]; then
   echo "[ensure_venv] building the $lane lane venv at $venv" >&2
   rm -rf "$venv"
