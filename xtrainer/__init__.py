@@ -13,9 +13,14 @@ from .callbacks import (
     TrainerControl,
     TrainerState,
 )
+from .checkpoint import CheckpointDiskFullError
 from .data import default_data_collator
+from .hyperparameter_search import BestRun, HPSearchBackend
+from .manifest import CheckpointIntegrityError
 from .model_wrappers import FunctionalModel, LinenModel
+from .preemption import TrainingPreempted
 from .trainer import Trainer
+from .seq2seq import Seq2SeqTrainer
 from .trainer_utils import (
     EvalPrediction,
     IntervalStrategy,
@@ -31,11 +36,15 @@ from .training_args import Seq2SeqTrainingArguments, TrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "BestRun",
     "CallbackHandler",
+    "CheckpointDiskFullError",
+    "CheckpointIntegrityError",
     "DefaultFlowCallback",
     "EarlyStoppingCallback",
     "EvalPrediction",
     "FunctionalModel",
+    "HPSearchBackend",
     "LinenModel",
     "IntervalStrategy",
     "PredictionOutput",
@@ -43,6 +52,7 @@ __all__ = [
     "ProgressCallback",
     "SaveStrategy",
     "SchedulerType",
+    "Seq2SeqTrainer",
     "Seq2SeqTrainingArguments",
     "TrainOutput",
     "Trainer",
@@ -50,6 +60,7 @@ __all__ = [
     "TrainerControl",
     "TrainerState",
     "TrainingArguments",
+    "TrainingPreempted",
     "default_data_collator",
     "get_last_checkpoint",
     "set_seed",

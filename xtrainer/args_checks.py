@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 
+from .nan_policy import check_policy
 from .trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 BACKENDS = ("auto", "jax", "torch", "torch_xla")
@@ -24,6 +26,9 @@ def validate(args) -> None:
 
     if args.backend not in BACKENDS:
         fail(f"`backend`={args.backend!r} is not supported; choose one of: {', '.join(BACKENDS)}.")
+    problem = check_policy(getattr(args, "nan_policy", "ignore"))
+    if problem:
+        fail(problem)
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             fail(f"`{name}` must be >= 1, got {getattr(args, name)}.")
@@ -104,3 +109,33 @@ def validate(args) -> None:
     bad = sorted(set(args.include_for_metrics) - {"inputs", "loss"})
     if bad:
         fail(f"`include_for_metrics` accepts 'inputs' and 'loss', got {bad}.")
+
+
+def check_eval_dataset(args, eval_dataset) -> None:
+    """Raises ValueError when an evaluation strategy is set but no eval_dataset was given (as HF does)."""
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if strategy != IntervalStrategy.NO.value and eval_dataset is None:
+        raise ValueError(
+            f"eval_strategy={strategy!r} evaluates during training, but no `eval_dataset` was passed to Trainer: "
+            "pass an eval_dataset, or set eval_strategy='no'."
+        )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fails before training when output_dir is a file or cannot be written (instead of at the first save).
+
+    Raises:
+        NotADirectoryError: output_dir exists and is a file.
+        PermissionError: output_dir (or, when it does not exist yet, its nearest existing parent) is not writable.
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"output_dir={output_dir!r} exists and is a file; choose a directory path.")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == os.path.abspath(output_dir) else f" (its parent {existing!r} is not)"
+        raise PermissionError(
+            f"output_dir={output_dir!r} is not writable{where}: checkpoints and the model could not be saved there. "
+            "Fix its permissions, or choose a writable output_dir."
+        )

@@ -4,17 +4,29 @@ A checkpoint is written into `tmp-checkpoint-{step}/` and renamed to `checkpoint
 every file is on disk, so a crash in the middle of a save never leaves a directory that resume or
 rotation would mistake for a complete checkpoint. What goes *inside* the directory is the backend's
 business (model, optimizer, RNG) plus the front's `trainer_state.json` and `training_args.bin`.
+
+Integrity: the last file written before publication is a manifest (manifest.py) with the size and
+sha256 of every file. Resuming verifies it: `resume_from_checkpoint=True` falls back to the newest
+checkpoint that verifies (with a warning per skipped one), an explicit path that fails raises.
+Rotation never deletes the newest verified checkpoint nor the best one. A save that runs out of
+disk space removes its temporary directory and raises `CheckpointDiskFullError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import pickle
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 
+from .manifest import MANIFEST_NAME, CheckpointIntegrityError, Verdict, verify_checkpoint, write_manifest
 from .trainer_utils import PREFIX_CHECKPOINT_DIR, checkpoint_step, sorted_checkpoints
+
+logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -45,14 +57,18 @@ def atomic_checkpoint(
     """Yields a temporary directory to write checkpoint `step` into; publishes it on success.
 
     Every process writes into the same temporary directory (sharded state); process 0 creates it
-    and renames it once all processes are done. On an exception the temporary directory is removed
-    and earlier checkpoints are untouched.
+    and renames it once all processes are done, after writing the manifest (every file's size and
+    sha256) as the last file. On an exception the temporary directory is removed and earlier
+    checkpoints are untouched.
 
     Args:
         run_dir: the output directory holding the checkpoint-N directories.
         step: the global step being saved.
         is_main: whether this process creates and publishes the directory.
         barrier: waits for all processes (distributed runs).
+
+    Raises:
+        CheckpointDiskFullError: the save ran out of disk space (the original error is its cause).
     """
     final = os.path.join(run_dir, checkpoint_dir_name(step))
     tmp = os.path.join(run_dir, f"{_TMP_PREFIX}-{step}")
@@ -66,12 +82,21 @@ def atomic_checkpoint(
     try:
         yield tmp
         barrier()
-    except BaseException:
+        if is_main:
+            write_manifest(tmp)  # last: it lists every file the other processes and backends wrote
+            _fsync_tree(tmp)
+    except BaseException as exc:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(exc):
+            raise CheckpointDiskFullError(
+                f"The disk is full: saving checkpoint {checkpoint_dir_name(step)} into {tmp} failed ({exc}). "
+                "The partial checkpoint was removed and the earlier checkpoints are intact; free space on "
+                f"{run_dir} (or lower save_total_limit) and resume with resume_from_checkpoint=True.",
+                step=step,
+            ) from exc
         raise
     if is_main:
-        _fsync_tree(tmp)
         if os.path.exists(final):  # re-saving the same step: move the old copy aside first
             stale = final + ".stale"
             shutil.rmtree(stale, ignore_errors=True)
@@ -83,6 +108,30 @@ def atomic_checkpoint(
     barrier()
 
 
+class CheckpointDiskFullError(OSError):
+    """Saving a checkpoint ran out of disk space (ENOSPC / EDQUOT); `step` is the checkpoint that failed."""
+
+    def __init__(self, message: str, *, step: int):
+        super().__init__(errno.ENOSPC, message)
+        self.step = step
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether exc, or an exception it wraps (orbax and tensorstore re-raise), is a full disk."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def remove_stale_temporaries(run_dir: str) -> None:
     """Deletes temporary checkpoint directories that a crashed save left behind."""
     if not os.path.isdir(run_dir):
@@ -92,28 +141,51 @@ def remove_stale_temporaries(run_dir: str) -> None:
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
 
 
-def checkpoints_to_delete(checkpoints: list[str], save_total_limit: int | None, best: str | None) -> list[str]:
+def checkpoints_to_delete(
+    checkpoints: list[str], save_total_limit: int | None, best: str | None, protect: tuple[str | None, ...] = ()
+) -> list[str]:
     """Which of `checkpoints` (oldest first) rotation deletes.
 
-    Keeps the newest `save_total_limit` ones and always the best one; with a limit of 1 and a best
-    checkpoint that is not the newest, both are kept (so training can still resume).
+    Keeps the newest `save_total_limit` ones, always the best one and any in `protect` (rotation
+    passes the newest checkpoint that verifies). The protected ones count toward the limit, but the
+    newest checkpoint is always kept as well: with a limit of 1 and a best checkpoint that is not
+    the newest, both are kept (so training can still resume).
     """
     if not save_total_limit or save_total_limit <= 0 or len(checkpoints) <= save_total_limit:
         return []
-    best_path = os.path.normpath(best) if best else None
-    keep_best = best_path is not None and any(os.path.normpath(c) == best_path for c in checkpoints)
-    limit = save_total_limit
-    if keep_best and limit == 1 and os.path.normpath(checkpoints[-1]) != best_path:
-        limit = 2
-    candidates = [c for c in checkpoints if not (keep_best and os.path.normpath(c) == best_path)]
-    keep_newest = limit - (1 if keep_best else 0)
-    doomed = candidates[: max(0, len(candidates) - keep_newest)]
-    return doomed
+    present = {os.path.normpath(c) for c in checkpoints}
+    protected = {os.path.normpath(p) for p in (best, *protect) if p} & present
+    others = [c for c in checkpoints if os.path.normpath(c) not in protected]
+    keep_others = max(save_total_limit - len(protected), 0)
+    if os.path.normpath(checkpoints[-1]) not in protected:
+        keep_others = max(keep_others, 1)
+    return others[: max(0, len(others) - keep_others)]
+
+
+def newest_verified_checkpoint(checkpoints: list[str], *, quick: bool = True) -> str | None:
+    """The newest of `checkpoints` (oldest first) whose files match its manifest (or that has none)."""
+    for path in reversed(checkpoints):
+        try:
+            verify_checkpoint(path, quick=quick)
+        except (CheckpointIntegrityError, FileNotFoundError) as exc:
+            logger.warning("Checkpoint %s does not verify: %s", path, exc)
+            continue
+        return path
+    return None
 
 
 def rotate_checkpoints(run_dir: str, save_total_limit: int | None, best: str | None) -> list[str]:
-    """Deletes old checkpoints beyond save_total_limit (never the best one); returns what it deleted."""
-    doomed = checkpoints_to_delete(sorted_checkpoints(run_dir), save_total_limit, best)
+    """Deletes old checkpoints beyond save_total_limit; returns what it deleted.
+
+    Never deletes the best checkpoint nor the newest one that verifies. Only that check runs here,
+    and it is the quick one (files present with their manifest sizes: catches truncation, no
+    hashing), so rotation costs a stat per file; loading does the full sha256 check.
+    """
+    checkpoints = sorted_checkpoints(run_dir)
+    if not save_total_limit or save_total_limit <= 0 or len(checkpoints) <= save_total_limit:
+        return []
+    good = newest_verified_checkpoint(checkpoints, quick=True)
+    doomed = checkpoints_to_delete(checkpoints, save_total_limit, best, protect=(good,))
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -131,11 +203,35 @@ def save_training_args(args, directory: str) -> None:
     torch.save(args, path)
 
 
+def verify_for_load(directory: str) -> None:
+    """Verifies a checkpoint before it is loaded; logs (info) when it has no manifest to check.
+
+    Raises:
+        CheckpointIntegrityError: a file is missing, truncated or corrupted (the error names it).
+    """
+    if verify_checkpoint(directory) is Verdict.NO_MANIFEST:
+        logger.info(
+            "Checkpoint %s has no %s (written by transformers or an older xtrainer): loading it unverified.",
+            directory, MANIFEST_NAME,
+        )
+
+
+def _skip_warning(path: str, why: BaseException) -> None:
+    message = f"Skipping checkpoint {path} for resume_from_checkpoint=True: {why}"
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)
+
+
 def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | None:
-    """The checkpoint directory that `train(resume_from_checkpoint=...)` means.
+    """The checkpoint directory that `train(resume_from_checkpoint=...)` means, verified.
+
+    With True: the newest checkpoint-N in output_dir that verifies against its manifest (or has no
+    manifest); each newer one that does not is skipped with a warning saying why. With a path:
+    that checkpoint, which must verify.
 
     Raises:
         ValueError / FileNotFoundError: nothing to resume from, with the path that was searched.
+        CheckpointIntegrityError: the explicit checkpoint (or every candidate) is damaged.
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
@@ -145,7 +241,20 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | 
             raise ValueError(
                 f"resume_from_checkpoint=True but no checkpoint-N directory was found in output_dir={output_dir!r}."
             )
-        return checkpoints[-1]
+        failures = []
+        for path in reversed(checkpoints):
+            try:
+                verify_for_load(path)
+            except (CheckpointIntegrityError, FileNotFoundError) as exc:
+                _skip_warning(path, exc)
+                failures.append(f"{path}: {exc}")
+                continue
+            return path
+        raise CheckpointIntegrityError(
+            f"resume_from_checkpoint=True but no checkpoint in output_dir={output_dir!r} verifies:\n"
+            + "\n".join(failures),
+            checkpoint=output_dir,
+        )
     path = os.fspath(resume_from_checkpoint)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"resume_from_checkpoint={path!r} does not exist (or is not a directory).")
@@ -153,18 +262,23 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | 
         raise ValueError(
             f"resume_from_checkpoint={path!r} is not a complete checkpoint: it has no {TRAINER_STATE_NAME}."
         )
+    verify_for_load(path)
     return path
 
 
 __all__ = [
+    "CheckpointDiskFullError",
+    "CheckpointIntegrityError",
     "TRAINER_STATE_NAME",
     "TRAINING_ARGS_NAME",
     "atomic_checkpoint",
     "checkpoint_dir_name",
     "checkpoint_step",
     "checkpoints_to_delete",
+    "newest_verified_checkpoint",
     "remove_stale_temporaries",
     "resolve_resume_checkpoint",
     "rotate_checkpoints",
     "save_training_args",
+    "verify_for_load",
 ]

@@ -3,6 +3,7 @@
 Subcommands:
   info   what this environment offers: backends, devices, library versions, what backend="auto"
          picks for a torch and a Flax model, and the TPU presets.
+  plot   OUTPUT_DIR [-o PATH]: a PNG of a run's loss, learning-rate and eval curves (plotting.py).
 
 Add a subcommand by writing `_cmd_<name>(args) -> int` and registering it in `build_parser`.
 Every probe guards its imports: a missing library is reported, never raised.
@@ -288,6 +289,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_training_curves
+
+    try:
+        path = plot_training_curves(args.output_dir, args.output)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"xtrainer plot: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtrainer", description="xtrainer command line tools.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -299,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"comma-separated device probes not to run: {', '.join(DEVICE_PROBES)}")
     info.add_argument("--no-devices", action="store_true", help="run no device probe")
     info.set_defaults(func=_cmd_info)
+
+    plot = sub.add_parser("plot", help="PNG of the loss, learning-rate and eval curves of a run",
+                          description="Plot a run's curves from its trainer_state.json (or, for a run in progress, "
+                                      "its newest checkpoint or log_history.jsonl).")
+    plot.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output_dir")
+    plot.add_argument("-o", "--output", metavar="PATH", default=None,
+                      help="where to write the PNG (default: OUTPUT_DIR/training_curves.png)")
+    plot.set_defaults(func=_cmd_plot)
     return parser
 
 

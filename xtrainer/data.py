@@ -158,7 +158,26 @@ def to_numpy(value: Any) -> Any:
     return value
 
 
+def _looks_like_tensor_feature(name: str) -> bool:
+    """Fields that must reach the model as arrays (a string there means the text was not tokenised)."""
+    return name.endswith(("_ids", "_mask")) or "label" in name or name in ("input_values", "pixel_values")
+
+
 def _stack_feature(name: str, values: list) -> np.ndarray:
+    try:
+        return _stack_values(name, values)
+    except (TypeError, ValueError) as exc:
+        if str(exc).startswith(("Cannot batch feature", "Feature '")):
+            raise
+        kinds = sorted({type(v).__name__ for v in values})
+        raise ValueError(
+            f"Cannot batch feature '{name}': its values in this batch have types {kinds} ({exc}). Every example "
+            f"must hold the same kind of value (numbers or equal-shape arrays) in '{name}': fix or filter the "
+            "examples, or pass a `data_collator` that handles them."
+        ) from exc
+
+
+def _stack_values(name: str, values: list) -> np.ndarray:
     first = values[0]
     if isinstance(first, bool):
         return np.asarray(values, dtype=np.bool_)
@@ -201,6 +220,11 @@ def default_data_collator(features: list[Mapping[str, Any]]) -> Batch:
         if source in first and first[source] is not None:
             batch[target] = _stack_feature(source, [f[source] for f in features])
     for name, value in first.items():
+        if isinstance(value, str) and _looks_like_tensor_feature(name):
+            raise ValueError(
+                f"Feature '{name}' holds strings (e.g. {value[:40]!r}), which cannot be batched into an array: tokenise "
+                "the text first (e.g. dataset.map(lambda ex: tokenizer(ex['text']))), or pass a `data_collator` that does."
+            )
         if name in ("label", "label_ids") or value is None or isinstance(value, str):
             continue
         missing = [i for i, f in enumerate(features) if name not in f]
@@ -221,7 +245,26 @@ def batch_to_numpy(batch: Any) -> Batch:
         if value is None:
             continue
         out[key] = to_numpy(value)
+        _check_array(key, out[key])
     return out
+
+
+def _check_array(name: str, value: Any) -> None:
+    """Fails early, naming the field, on batch arrays no backend can take (instead of an error deep inside one)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return
+    if dtype == np.object_:
+        raise ValueError(
+            f"Feature '{name}' could not be batched into a numeric array (its values have different types or shapes, "
+            "or contain None): make every example hold numbers or equal-shape arrays there, or pass a `data_collator`."
+        )
+    if name.endswith("input_ids") and np.issubdtype(dtype, np.floating):
+        raise ValueError(
+            f"Feature '{name}' has dtype {dtype}, but token ids must be integers (embedding lookups take int "
+            f"indices): cast them, e.g. dataset.map(lambda ex: {{'{name}': [int(t) for t in ex['{name}']]}}), or "
+            "build them with a tokenizer."
+        )
 
 
 class RemoveColumnsCollator:
@@ -233,8 +276,21 @@ class RemoveColumnsCollator:
 
     def __call__(self, features: list[Mapping[str, Any]]):
         if features and isinstance(features[0], Mapping):
+            self._check_inputs_survive(features[0])
             features = [{k: v for k, v in f.items() if k in self.keep} for f in features]
         return self.collator(features)
+
+    def _check_inputs_survive(self, example: Mapping[str, Any]) -> None:
+        # Only labels left means the model would be called without any input: name the dropped fields.
+        kept = [k for k in example if k in self.keep]
+        dropped = sorted(k for k in example if k not in self.keep)
+        if dropped and all("label" in k for k in kept):
+            inputs = sorted(k for k in self.keep if "label" not in k)
+            raise ValueError(
+                f"The examples' fields {dropped} are not arguments of the model's forward (it takes {inputs[:8]}), so "
+                "remove_unused_columns drops them and the model would get no input. Rename the fields to the model's "
+                "argument names (e.g. 'input_ids'), or set remove_unused_columns=False."
+            )
 
 
 # ---------------------------------------------------------------------------------------------

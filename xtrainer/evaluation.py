@@ -73,12 +73,14 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
             counts, shifts = backend.counts_label_items()
             num_items = data.count_label_items([host_batch], shifts) if counts else None
         batch = backend.shard_batch(host_batch)
-        out = backend.eval_step(state, batch, loss_only, ignore_keys, trainer.label_names, num_items_in_batch=num_items)
+        out = trainer._prediction_step(state, batch, host_batch, loss_only, ignore_keys, num_items)
         logits, batch_labels = out.logits, out.labels
         batch_losses = None
         if out.loss is not None:
-            # Each example weighs its batch's mean loss (HF's repeat + gather_for_metrics truncation).
-            batch_losses = backend.repeat_scalar(out.loss, rows)
+            # Each example weighs its batch's mean loss (HF's repeat + gather_for_metrics truncation);
+            # a trainer may weigh every batch as a full one instead (HF's Seq2SeqTrainer: plain gather).
+            weight_rows = batch_size if trainer.eval_loss_full_batch_weight else rows
+            batch_losses = backend.repeat_scalar(out.loss, weight_rows)
             losses.add(batch_losses)
         if logits is not None and trainer.preprocess_logits_for_metrics is not None:
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)

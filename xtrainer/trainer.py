@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint as ckpt
-from . import data
+from .args_checks import check_eval_dataset, check_output_dir
+from . import data, preemption
 from .backends import get_backend, resolve_backend_name
 from .callbacks import (
     CallbackHandler,
@@ -35,7 +36,10 @@ from .callbacks import (
     restore_callback_states,
 )
 from .loaders import DatasetLoader
+from .integrations import reporting_callbacks
 from .loop_support import LossTracker, StepEvents, prefetch_one, speed_metrics
+from .nan_policy import NanMonitor
+from .throughput import ThroughputMeter
 from .trainer_utils import (
     EvalLoopOutput,
     EvalPrediction,
@@ -57,6 +61,10 @@ class Trainer:
         >>> trainer = Trainer(model=model, args=TrainingArguments("out", max_steps=10), train_dataset=ds)
         >>> trainer.train()
     """
+
+    #: Weigh each eval batch's loss by the full eval batch size, short last batch included (transformers'
+    #: Seq2SeqTrainer does); False weighs it by its real rows (transformers' Trainer).
+    eval_loss_full_batch_weight = False
 
     def __init__(
         self,
@@ -93,6 +101,7 @@ class Trainer:
                 "`model_init` cannot be combined with `optimizers`: train() re-creates the model, and the given "
                 "optimizer would keep updating the old one's parameters. Subclass Trainer to build the optimizer."
             )
+        check_eval_dataset(self.args, eval_dataset)
         self.backend = get_backend(resolve_backend_name(self.args.backend, model))
         self.compute_loss_func = compute_loss_func
         self.model = self.backend.prepare(model, self.args, compute_loss_func=compute_loss_func)
@@ -105,10 +114,11 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizers
         self.label_names = self.args.label_names or self.backend.default_label_names()
         self._backend_state = None
-        # Same order as transformers: flow control, the user's callbacks, then the progress display.
+        # Same order as transformers: flow control, report_to integrations, the user's callbacks, then progress.
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
+        reporters = reporting_callbacks(self.args.report_to, self.is_world_process_zero())
         self.callback_handler = CallbackHandler(
-            [DefaultFlowCallback, *(callbacks or []), progress], self.model, processing_class, *optimizers
+            [DefaultFlowCallback, *reporters, *(callbacks or []), progress], self.model, processing_class, *optimizers
         )
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
@@ -143,6 +153,13 @@ class Trainer:
         if model is None:
             raise RuntimeError("model_init returned None; it must return a model.")
         return model
+
+    def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction="minimize",
+                              backend=None, hp_name=None, **kwargs):
+        """Optuna search over trainings of model_init's model; returns a BestRun (see hyperparameter_search.py)."""
+        from .hyperparameter_search import run_hyperparameter_search
+
+        return run_hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name, **kwargs)
 
     # ------------------------------------------------------------------ data
 
@@ -208,8 +225,7 @@ class Trainer:
         args = self.args
         if resume_from_checkpoint is None and args.resume_from_checkpoint:
             resume_from_checkpoint = args.resume_from_checkpoint
-        if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-            raise NotADirectoryError(f"output_dir={args.output_dir!r} exists and is a file; choose a directory path.")
+        check_output_dir(args.output_dir)
         resume_dir = ckpt.resolve_resume_checkpoint(resume_from_checkpoint, args.output_dir)
         if self.model_init is not None:
             set_seed(args.seed, deterministic=args.full_determinism)
@@ -217,9 +233,10 @@ class Trainer:
             self.callback_handler.model = self.model
         self.is_in_train = True
         try:
-            return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
+            with preemption.watch_sigterm(self.backend) as self._preemption:  # SIGTERM: save, then exit 143
+                return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
-            self.is_in_train = False
+            self.is_in_train, self._preemption = False, None
 
     def _plan_steps(self, loader: DatasetLoader):
         """HF's step arithmetic: (epochs, update steps per epoch, micro-batches per epoch, max_steps)."""
@@ -264,16 +281,21 @@ class Trainer:
         counts_items, shifts = backend.counts_label_items()
         self._count_items, self._shift_labels = counts_items, shifts
         self._losses = LossTracker(args.logging_nan_inf_filter)
+        self._nan = NanMonitor(args.nan_policy, self.state.global_step, lambda: backend.finalize(self._backend_state))
         self._last_logged = self.state.global_step
         initial_step = self.state.global_step
         self._tokens_at_start = self.state.num_input_tokens_seen
+        self._throughput = ThroughputMeter(backend)  # tokens_per_second and mfu in the logs
         start_time = time.time()
         logger.info("Training: %s steps, %s epochs, backend=%s", max_steps, num_epochs, backend.name)
 
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start:
-            self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
+            with self._throughput.paused():
+                self._evaluate(trial, ignore_keys_for_eval, skip_scheduler=True)
         for epoch in range(epochs_done, num_epochs):
+            if self.state.global_step >= max_steps:  # resumed from the final checkpoint: no step is left
+                break
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             start = skip_batches if epoch == epochs_done else 0
             self._run_epoch(loader, epoch, start, batches_per_epoch, updates_per_epoch, trial, ignore_keys_for_eval, start_time)
@@ -316,14 +338,17 @@ class Trainer:
         events = StepEvents(self)
         for window, num_items, device_window in prefetch_one(windows, backend.shard_window):
             self._track_tokens(window)
+            self._throughput.add(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self._backend_state, metrics = backend.train_step(self._backend_state, device_window, num_items, events)
             step += len(window)
             self._losses.add(metrics.loss, self.state.global_step - self._last_logged)
+            self._nan.observe(metrics)
             self.state.global_step += 1
             self.state.epoch = epoch + (step + 1) / batches_per_epoch
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             self._maybe_log_save_evaluate(metrics, trial, ignore_keys, start_time)
+            preemption.stop_if_preempted(self)
             if self.control.should_epoch_stop or self.control.should_training_stop:
                 break
         if step < 0:
@@ -352,19 +377,24 @@ class Trainer:
             if metrics is not None:
                 logs["learning_rate"] = metrics.learning_rate
             self._last_logged = self.state.global_step
+            logs.update(self._throughput.report())
+            self._nan.report(logs, self.backend.to_host)  # nan_policy: may raise, or log nan_skipped_steps
             self.log(logs, start_time)
         if self.control.should_evaluate:
-            eval_metrics = self._evaluate(trial, ignore_keys)
+            with self._throughput.paused():
+                eval_metrics = self._evaluate(trial, ignore_keys)
             is_new_best = self._determine_best_metric(eval_metrics)
             if _value(self.args.save_strategy) == SaveStrategy.BEST.value:
                 self.control.should_save = is_new_best
         if self.control.should_save:
-            self._save_checkpoint()
+            with self._throughput.paused():
+                self._save_checkpoint()
             self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
     def _finish_training(self, initial_step, max_steps, loader, start_time, trial) -> TrainOutput:
         args = self.args
         self._losses.drain(self.backend.to_host)
+        self._nan.report(None, self.backend.to_host)
         steps_run = self.state.global_step - initial_step
         train_loss = self._losses.total / max(steps_run, 0.001)
         samples = max_steps * args.per_device_train_batch_size * self.backend.local_batch_devices
@@ -377,6 +407,7 @@ class Trainer:
         self.log(metrics)
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
+            ckpt.verify_for_load(self.state.best_model_checkpoint)
             self.backend.load_model_weights(self._backend_state, self.state.best_model_checkpoint)
         if self.is_world_process_zero() and self.state.best_model_checkpoint and args.save_total_limit == 1:
             # With a limit of 1, only the best checkpoint survives the end of training (as in HF).
@@ -428,7 +459,7 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         args, backend = self.args, self.backend
         run_dir = args.output_dir
-        step = self.state.global_step
+        step = self._last_saved_step = self.state.global_step
         main = self.is_world_process_zero()
         with ckpt.atomic_checkpoint(run_dir, step, is_main=main, barrier=backend.barrier) as tmp:
             backend.save(self._backend_state, tmp, save_only_model=args.save_only_model)
@@ -506,6 +537,15 @@ class Trainer:
         )
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
+
+    def _prediction_step(self, state, batch, host_batch, prediction_loss_only, ignore_keys, num_items_in_batch):
+        """One eval micro-batch (device `batch`, and the `host_batch` it came from) -> EvalOutput.
+
+        The hook a subclass replaces to predict differently (Seq2SeqTrainer generates here).
+        """
+        return self.backend.eval_step(
+            state, batch, prediction_loss_only, ignore_keys, self.label_names, num_items_in_batch=num_items_in_batch
+        )
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval") -> EvalLoopOutput:
         """The loop shared by evaluate() and predict(): batches -> eval_step -> host arrays -> metrics."""

@@ -86,6 +86,7 @@ class TrainingArguments:
 
     Extra xtrainer fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`,
     and the torch_xla static-shape policy `xla_pad_batches`, `xla_seq_bucket`, `xla_max_graphs`, `xla_on_recompile`.
+    `nan_policy` ("raise" | "skip" | "ignore") says what a step with a NaN/inf loss or grad norm does (nan_policy.py).
     Dict-typed fields also accept a JSON string (as on the command line).
     """
 
@@ -162,6 +163,11 @@ class TrainingArguments:
     logging_first_step: bool = field(default=False, metadata=_help("Also log the first step."))
     log_on_each_node: bool = field(default=True, metadata=_help("Log from the main process of every node."))
     logging_nan_inf_filter: bool = field(default=True, metadata=_help("Skip NaN/inf losses when logging."))
+    nan_policy: str = field(
+        default="ignore",
+        metadata=_help("Non-finite loss/grad_norm: 'raise' (stop, naming the step), 'skip' (skip the update), 'ignore'.",
+                       choices=["raise", "skip", "ignore"]),
+    )
     include_num_input_tokens_seen: str | bool = field(
         default="no", metadata=_help("Track input tokens seen: 'all', 'non_padding' or 'no'.")
     )
@@ -201,6 +207,13 @@ class TrainingArguments:
     ignore_data_skip: bool = field(default=False, metadata=_help("Do not fast-forward the data when resuming."))
     restore_callback_states_from_checkpoint: bool = field(
         default=False, metadata=_help("Restore callback states saved in the checkpoint.")
+    )
+    allow_unsafe_checkpoint_load: bool = field(
+        default=False,
+        metadata=_help(
+            "Unpickle checkpoint .pt/.pth/.bin files fully (weights_only=False) when the safe weights-only loader "
+            "refuses them. Unpickling runs code stored in the file: enable only for checkpoints you trust."
+        ),
     )
 
     # --- Reproducibility and hardware ---
@@ -315,6 +328,10 @@ class TrainingArguments:
             self.report_to = [self.report_to]
         else:
             self.report_to = list(self.report_to)
+        if "all" in self.report_to:  # as in transformers: every installed integration
+            from .integrations import available_integrations
+
+            self.report_to = available_integrations()
 
         if (self.torch_compile_backend is not None or self.torch_compile_mode is not None) and not self.torch_compile:
             self.torch_compile = True
@@ -523,7 +540,13 @@ class TrainingArguments:
 class Seq2SeqTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the generation settings of sequence-to-sequence evaluation."""
 
-    sortish_sampler: bool = field(default=False, metadata=_help("Use a sortish sampler."))
+    sortish_sampler: bool = field(
+        default=False,
+        metadata=_help(
+            "Sortish sampling: random batches of similar lengths (less padding). In xtrainer this selects "
+            "train_sampling_strategy='group_by_length' when the strategy is the default 'random'."
+        ),
+    )
     predict_with_generate: bool = field(default=False, metadata=_help("Use generate() for eval/predict metrics."))
     generation_max_length: int | None = field(default=None, metadata=_help("max_length for generate() in eval."))
     generation_num_beams: int | None = field(default=None, metadata=_help("num_beams for generate() in eval."))
@@ -537,6 +560,18 @@ class Seq2SeqTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be >= 1 or None, got {value}.")
+        if self.sortish_sampler:
+            # transformers 5 keeps the flag but no longer acts on it; its old SortishSampler shuffled, then
+            # sorted by length within chunks, which is what the length-grouped sampler does.
+            strategy = str(getattr(self.train_sampling_strategy, "value", self.train_sampling_strategy))
+            if strategy == "random":
+                self.train_sampling_strategy = TrainSamplingStrategy("group_by_length")
+            elif strategy != "group_by_length":
+                warnings.warn(
+                    f"sortish_sampler=True is ignored: train_sampling_strategy={strategy!r} was chosen explicitly.",
+                    UserWarning,
+                    stacklevel=2,
+                )
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

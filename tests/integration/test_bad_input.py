@@ -1,4 +1,8 @@
-"""Bad input gets an error that names the problem, and nothing already written is lost."""
+"""Bad input gets an error that names the problem, and nothing already written is lost.
+
+The bad-input matrix (arguments, data, output_dir, checkpoints, on torch and jax) is in
+test_bad_input_matrix.py; these are the remaining model/loop cases.
+"""
 
 import importlib.util
 import os
@@ -41,35 +45,12 @@ def test_missing_label_column(tmp_path):
         _trainer(tmp_path, data=data, max_steps=1).train()
 
 
-def test_empty_dataset(tmp_path):
-    with pytest.raises(ValueError, match="dataset is empty"):
-        _trainer(tmp_path, data=[], max_steps=1).train()
-
-
-def test_drop_last_with_batch_larger_than_dataset(tmp_path):
-    with pytest.raises(ValueError, match="fewer than one batch of 32.*dataloader_drop_last"):
-        _trainer(tmp_path, data=regression_data(10), per_device_train_batch_size=32, dataloader_drop_last=True).train()
-
-
 def test_no_train_dataset(tmp_path):
     trainer = xtrainer.Trainer(model=RegressionModel(), args=xtrainer.TrainingArguments(str(tmp_path), **ARGS))
     with pytest.raises(ValueError, match="needs a train_dataset"):
         trainer.train()
     with pytest.raises(ValueError, match="needs an eval_dataset"):
         trainer.evaluate()
-
-
-def test_ragged_examples_name_the_feature_and_the_fix(tmp_path):
-    data = [{"input_x": [1.0] * (1 + i % 2), "labels": 1.0} for i in range(8)]
-    with pytest.raises(ValueError, match="feature 'input_x'.*DataCollatorWithPadding"):
-        _trainer(tmp_path, data=data, max_steps=1).train()
-
-
-def test_output_dir_that_is_a_file(tmp_path):
-    path = tmp_path / "file"
-    path.write_text("not a directory")
-    with pytest.raises(NotADirectoryError, match="output_dir"):
-        _trainer(path, max_steps=1).train()
 
 
 def test_unknown_backend_and_model_kind(tmp_path):

@@ -24,11 +24,14 @@ class StepMetrics(NamedTuple):
         grad_norm: device scalar (pre-clipping global norm), or None.
         learning_rate: the learning rate this step used (a host float: it comes from the schedule,
             not from the device).
+        nonfinite: under nan_policy "skip"/"raise", the run's device counters
+            {"skipped", "first_bad", "metric"} after this step (see xtrainer/nan_policy.py), else None.
     """
 
     loss: Any
     grad_norm: Any
     learning_rate: float
+    nonfinite: Any = None
 
 
 class StepEvents(Protocol):
@@ -96,6 +99,25 @@ class Backend(Protocol):
     def eval_step(self, state: Any, batch: Any, prediction_loss_only: bool, ignore_keys: list[str] | None, label_names: list[str]) -> EvalOutput:
         """Forward pass without gradients; returns loss (or None), logits (or None), labels (or None)."""
 
+    def generate(self, state: Any, batch: Any, gen_kwargs: dict) -> Any:
+        """Generates token ids for one eval micro-batch made by `shard_batch` (Seq2SeqTrainer, predict_with_generate).
+
+        `gen_kwargs` are HF-style generate arguments (max_length, max_new_tokens, num_beams, ...), already
+        stripped of None values; a key the backend cannot honour raises a ValueError naming it. Returns a
+        backend-native int array [batch, length] exactly as HF `model.generate` returns it (encoder-decoder:
+        starting with the decoder start token; decoder-only: the prompt followed by the new tokens), with
+        only the batch's real rows.
+        """
+
+    def step_flops(self) -> float | None:
+        """FLOPs of the last optimizer step on all devices together (for the `mfu` log), or None if unknown.
+
+        Read on the host at log time only; it must not synchronise with the device.
+        """
+
+    def peak_flops(self) -> float | None:
+        """Peak FLOP/s of all the devices the steps run on together (for the `mfu` log), or None if unknown."""
+
     def to_host(self, tree: Any) -> Any:
         """Device arrays (nested) -> numpy, with one synchronisation for the whole tree."""
 
@@ -125,3 +147,12 @@ class Backend(Protocol):
 
     def barrier(self) -> None:
         """Waits for every process (no-op on one process)."""
+
+    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+        """Whether to save `step` and stop for a preemption (SIGTERM); called after every optimizer step.
+
+        Host-only (no device sync). `local_flag` is whether this process got SIGTERM. Single-process
+        and torch backends return it; multi-host JAX returns JAX's preemption sync point, so every
+        host stops at the same step. A backend whose runtime catches SIGTERM itself (so the front
+        must not install a Python handler) has a true `native_preemption_notice` attribute.
+        """

@@ -1,9 +1,10 @@
 """Weight interchange between the NNX reference models and transformers checkpoints.
 
 Owns: the name/layout mapping between HF torch state dicts and `LlamaForCausalLM` /
-`BertForSequenceClassification` parameters, loading from a state dict (torch tensors or arrays) or
-a `save_pretrained` directory (config.json + model.safetensors, sharded index included), and
-exporting to a directory that `transformers.<Arch>.from_pretrained` loads.
+`BertForSequenceClassification` / `T5ForConditionalGeneration` (its mapping lives in `t5_interop`)
+parameters, loading from a state dict (torch tensors or arrays) or a `save_pretrained` directory
+(config.json + model.safetensors, sharded index included), and exporting to a directory that
+`transformers.<Arch>.from_pretrained` loads.
 
 Layout rules: torch Linear weights are (out, in); our kernels are in_shape + out_shape with an
 explicit heads axis (e.g. q: (embed, heads, head_dim)), so import is `w.T.reshape(kernel.shape)` and
@@ -30,9 +31,12 @@ from flax import nnx
 from ._nn import get_value, set_value
 from .bert import BertConfig, BertForSequenceClassification
 from .llama import LlamaConfig, LlamaForCausalLM
+from .t5 import T5Config, T5ForConditionalGeneration
+from .t5_interop import T5_IGNORED_SUFFIXES, t5_mapping
 
 # Buffers and heads a checkpoint may carry that these models do not use.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids", "embeddings.token_type_ids")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids", "embeddings.token_type_ids",
+                     *T5_IGNORED_SUFFIXES)
 _IGNORED_PREFIXES = ("cls.",)  # BertForPreTraining's MLM/NSP heads when fine-tuning from a base checkpoint
 
 
@@ -85,6 +89,7 @@ def _bert_mapping(cfg: BertConfig):
 _ARCHS = {
     "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM, _llama_mapping, "model."),
     "BertForSequenceClassification": (BertConfig, BertForSequenceClassification, _bert_mapping, "bert."),
+    "T5ForConditionalGeneration": (T5Config, T5ForConditionalGeneration, t5_mapping, "shared."),
 }
 
 
@@ -270,8 +275,20 @@ def save_pretrained(model: nnx.Module, directory: str) -> str:
     return directory
 
 
+def load_hf_t5(source: Any, config: Any = None, *, strict: bool = True, rngs: nnx.Rngs | None = None,
+               **overrides: Any) -> T5ForConditionalGeneration:
+    """A `T5ForConditionalGeneration` with the weights of an HF T5 checkpoint (model, state dict or directory).
+
+    Like `load_hf_llama`; a transformers model may be passed directly (its state dict and config are used).
+    """
+    if hasattr(source, "state_dict") and hasattr(source, "config"):
+        source, config = source.state_dict(), config if config is not None else source.config
+    return _load("T5ForConditionalGeneration", source, config, strict, rngs, overrides)
+
+
 export_hf_llama = save_pretrained
 export_hf_bert = save_pretrained
+export_hf_t5 = save_pretrained
 
 
 def from_pretrained(directory: str, *, strict: bool | None = None, rngs: nnx.Rngs | None = None,
@@ -283,15 +300,17 @@ def from_pretrained(directory: str, *, strict: bool | None = None, rngs: nnx.Rng
     arch = next((a for a in archs if a in _ARCHS), None)
     if arch is None:
         model_type = config.get("model_type")
-        arch = {"llama": "LlamaForCausalLM", "bert": "BertForSequenceClassification"}.get(model_type)
+        arch = {"llama": "LlamaForCausalLM", "bert": "BertForSequenceClassification",
+                "t5": "T5ForConditionalGeneration"}.get(model_type)
     if arch is None:
         raise ValueError(f"unsupported architectures {archs} (model_type {config.get('model_type')!r})")
     if strict is None:
-        strict = arch == "LlamaForCausalLM"
+        strict = arch != "BertForSequenceClassification"
     return _load(arch, directory, config, strict, rngs, overrides)
 
 
 __all__ = [
     "from_pretrained", "save_pretrained", "load_hf_llama", "load_hf_bert", "export_hf_llama", "export_hf_bert",
+    "load_hf_t5", "export_hf_t5",
     "load_hf_state_dict", "to_hf_state_dict", "read_safetensors_dir",
 ]

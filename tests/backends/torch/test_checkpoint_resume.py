@@ -159,6 +159,9 @@ def test_corrupt_or_foreign_checkpoint_errors_name_the_problem(tmp_path):
     weights = ckpt_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:20])
     trainer = xtrainer.Trainer(model=RegressionModel(), args=args, train_dataset=data)
+    with pytest.raises(ValueError, match=r"model\.safetensors is truncated"):  # the manifest catches it first
+        trainer.train(resume_from_checkpoint=str(ckpt_dir))
+    (ckpt_dir / "xtrainer_manifest.json").unlink()  # without a manifest, the loader itself must still say so
     with pytest.raises(ValueError, match="Cannot read the model weights"):
         trainer.train(resume_from_checkpoint=str(ckpt_dir))
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -25,7 +25,7 @@ from . import multihost, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
 from .optim import build_optimizer
-from .step import StepConfig, make_eval_step, make_train_step
+from .step import StepConfig, init_nan_counters, make_eval_step, make_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class JaxBackend:
         self._compiled: dict = {}
         self._eval_fns: dict = {}
         self.compile_seconds: list[float] = []
+        self._last_compiled = None  # the train step that ran last (its cost analysis gives step_flops)
 
     # ------------------------------------------------------------------ setup
 
@@ -137,6 +138,7 @@ class JaxBackend:
             compute_dtype=self.compute_dtype,
             loss_scaling=bool(args.fp16),
             remat=bool(args.activation_checkpointing),
+            nan_policy=getattr(args, "nan_policy", "ignore"),
         )
 
     def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> dict:
@@ -154,6 +156,8 @@ class JaxBackend:
         if self.config.loss_scaling:
             state["loss_scale"] = jnp.float32(2.0**15)
             state["good_steps"] = jnp.zeros((), jnp.int32)
+        if self.config.nan_policy != "ignore":  # this run's non-finite counters (never checkpointed)
+            state["nan"] = init_nan_counters()
         self.state_shardings = jax.tree.map(
             lambda x: x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) == len(self.mesh.devices.flat) else self.replicated,
             state,
@@ -255,6 +259,7 @@ class JaxBackend:
         with_items = num_items_in_batch is not None
         num_items = self._replicate(np.float32(num_items_in_batch or 0))
         compiled = self._compile_train_step(state, arrays, mask, num_items, with_items)
+        self._last_compiled = compiled
         state, metrics = compiled(state, arrays, mask, num_items)
         # The whole step is one program: its callback points follow its (asynchronous) dispatch.
         for _ in range(real - 1):
@@ -266,7 +271,8 @@ class JaxBackend:
             multiplier = self._plateau.multiplier
         learning_rate = float(self.args.learning_rate * multiplier)
         self._host_step += 1
-        return state, StepMetrics(loss=metrics["loss"], grad_norm=metrics["grad_norm"], learning_rate=learning_rate)
+        return state, StepMetrics(loss=metrics["loss"], grad_norm=metrics["grad_norm"], learning_rate=learning_rate,
+                                  nonfinite=metrics.get("nan"))
 
     def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
@@ -287,6 +293,28 @@ class JaxBackend:
         if prediction_loss_only:
             return EvalOutput(loss, None, None)
         return EvalOutput(loss, logits, labels)
+
+    def generate(self, state, batch, gen_kwargs: dict) -> Any:
+        """Generated ids [batch, len] as HF's `model.generate` returns them (see jax/generation.py)."""
+        from .generation import generate_batch
+
+        return generate_batch(self, state, batch, gen_kwargs)
+
+    def step_flops(self) -> float | None:
+        from . import flops
+
+        if self._last_compiled is None:
+            return None
+        cached = getattr(self, "_flops_cache", (None, None))
+        if cached[0] is not self._last_compiled:  # one cost analysis per compiled step
+            ga, devices = self.args.gradient_accumulation_steps, self.mesh.devices.size
+            cached = self._flops_cache = (self._last_compiled, flops.step_flops(self._last_compiled, ga, devices))
+        return cached[1]
+
+    def peak_flops(self) -> float | None:
+        from . import flops
+
+        return flops.peak_flops(self.mesh.devices.flat)
 
     def to_host(self, tree: Any) -> Any:
         return jax.device_get(tree)
@@ -312,15 +340,17 @@ class JaxBackend:
     def save(self, state, directory: str, *, save_only_model: bool = False) -> None:
         if save_only_model:
             state = {"params": state["params"], "extra": state["extra"]}
-        state_io.save_state(state, directory)
+        state_io.save_state(_without_run_counters(state), directory)
 
     def restore(self, state, directory: str):
-        restored = state_io.restore_state(state, directory)
+        restored = state_io.restore_state(_without_run_counters(state), directory)
+        if "nan" in state:  # the non-finite counters belong to this run, not to the checkpoint
+            restored["nan"] = state["nan"]
         self._host_step = int(jax.device_get(restored["step"]))
         return restored
 
     def load_model_weights(self, state, directory: str) -> None:
-        restored = state_io.restore_state(state, directory)
+        restored = state_io.restore_state(_without_run_counters(state), directory)
         state["params"], state["extra"] = restored["params"], restored["extra"]
 
     def export_model(self, state, directory: str) -> None:
@@ -332,11 +362,30 @@ class JaxBackend:
         self.params, self.extra = state["params"], state["extra"]
         return self.adapter.write_back(self.params, self.extra)
 
+    @property
+    def native_preemption_notice(self) -> bool:
+        """True on multi-host runs with JAX's preemption service: it catches SIGTERM itself."""
+        return self.num_processes > 1 and multihost.preemption_service_running()
+
+    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+        if self.native_preemption_notice:
+            # Every host calls this after every step; once any host got SIGTERM, all of them
+            # return True at the same agreed step, so they save the same checkpoint.
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return local_flag
+
     def barrier(self) -> None:
         if self.num_processes > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("xtrainer")
+
+
+def _without_run_counters(state: dict) -> dict:
+    """The state without the per-run nan_policy counters, so checkpoints do not depend on the policy."""
+    return {k: v for k, v in state.items() if k != "nan"}
 
 
 def _uniform_rows(window: list[dict]) -> list[dict]:

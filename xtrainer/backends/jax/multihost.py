@@ -4,6 +4,9 @@ jax.distributed.initialize must run before anything touches a device, which in a
 means before the model is built. xtrainer therefore calls `initialize_from_env` when
 TrainingArguments is created (scripts build their arguments first) and again when the backend is
 prepared, where a late call gets an error that says what to move.
+
+The preemption service is switched on when xtrainer initialises jax.distributed, so a SIGTERM on
+any host makes every host save the same step (xtrainer/preemption.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ def initialize_from_env() -> None:
         raise ValueError(f"{ENV_ADDRESS} is set but {', '.join(missing)} is not: set all three for a multi-host run.")
     if "jax_cpu_collectives_implementation" in jax.config.values:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if "jax_enable_preemption_service" in jax.config.values:
+        # SIGTERM on any host -> every host stops at the same step (see xtrainer/preemption.py).
+        jax.config.update("jax_enable_preemption_service", True)
     try:
         jax.distributed.initialize(
             coordinator_address=os.environ[ENV_ADDRESS],
@@ -46,3 +52,12 @@ def initialize_from_env() -> None:
                 "or touching any JAX device."
             ) from exc
         raise
+
+
+def preemption_service_running() -> bool:
+    """Whether jax.distributed runs JAX's preemption sync manager (which catches SIGTERM itself)."""
+    if not jax.distributed.is_initialized():
+        return False
+    from jax._src import distributed  # the manager is only reachable through JAX's global state
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None

@@ -22,9 +22,11 @@ def save_state(state: dict, directory: str) -> None:
     import orbax.checkpoint as ocp
 
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(directory, STATE_DIR)), state)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    try:
+        checkpointer.save(os.path.abspath(os.path.join(directory, STATE_DIR)), state)
+        checkpointer.wait_until_finished()
+    finally:  # also on a failed write (full disk): no background thread outlives the save
+        checkpointer.close()
 
 
 def restore_state(state: dict, directory: str) -> dict:
@@ -43,10 +45,44 @@ def restore_state(state: dict, directory: str) -> dict:
     try:
         restored = checkpointer.restore(path, target)
     except Exception as exc:  # shape/structure mismatch or a damaged file: say what and where
-        raise ValueError(f"Cannot restore the JAX train state from {path}: {exc}") from exc
+        mismatch = _describe_mismatch(path, target)
+        raise ValueError(f"Cannot restore the JAX train state from {path}: {mismatch or exc}") from exc
     finally:
         checkpointer.close()
     return restored
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        shape = getattr(leaf, "shape", None)
+        if shape is not None:
+            out[".".join(p for p in parts if p != "value")] = tuple(shape)
+    return out
+
+
+def _describe_mismatch(path: str, target) -> str | None:
+    """Which parameters differ between a checkpoint and the model (from the checkpoint's metadata), or None."""
+    import orbax.checkpoint as ocp
+
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(path)
+        saved = _flat_shapes(getattr(metadata, "item_metadata", metadata))
+    except Exception:  # unreadable metadata: the caller reports the original error
+        return None
+    wanted = _flat_shapes(target)
+    problems = [f"{k}: checkpoint {saved[k]} vs model {wanted[k]}" for k in wanted if k in saved and saved[k] != wanted[k]]
+    problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
+    problems += [f"{k}: in the checkpoint, not in the model" for k in saved if k not in wanted]
+    if not problems:
+        return None
+    problems.sort(key=lambda p: not p.startswith("params"))  # parameters first: they name the model change
+    more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+    return (
+        f"it was written for a different model; shape mismatch in {'; '.join(problems[:4])}{more}. Resume with the "
+        "same model architecture and config as the checkpoint, or train without resume_from_checkpoint."
+    )
 
 
 def export_params(adapter, params, extra, directory: str) -> list[str]:

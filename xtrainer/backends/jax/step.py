@@ -29,6 +29,56 @@ class StepConfig:
     compute_dtype: Any = None  # jnp.bfloat16 / jnp.float16 for mixed precision, else None
     loss_scaling: bool = False  # dynamic loss scaling (fp16)
     remat: bool = False  # rematerialise the forward pass in the backward pass
+    nan_policy: str = "ignore"  # "skip" / "raise": updates with a non-finite loss or grad norm are not applied
+
+
+def init_nan_counters() -> dict:
+    """The run's non-finite counters (xtrainer/nan_policy.py), kept in the state under "nan"."""
+    return {"calls": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+            "first_bad": jnp.zeros((), jnp.int32), "metric": jnp.zeros((), jnp.int32)}
+
+
+def _select_tree(flag, new, old):
+    """`new` where flag else `old`, leaf by leaf; typed PRNG keys keep `new` (a key that advanced is harmless)."""
+    def pick(a, b):
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return a
+        return jnp.where(flag, a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+def apply_nan_policy(config: StepConfig, state: dict, new_state: dict, losses, grad_norm) -> dict:
+    """Keeps the old params/optimizer state/extra (and fp16 loss scale) when the step is not finite.
+
+    Selected on device with jnp.where, so the step stays one program with no host read. Under fp16
+    loss scaling an overflowing gradient with a finite loss is the loss scaler's routine business
+    (it already skipped the update and halved the scale); only a non-finite loss counts here, and then
+    the scale is left alone, since the overflow was not the scale's fault. A skipped step still
+    advances the step counter (and so the lr schedule), as the front's global step does.
+    """
+    counters = state["nan"]
+    loss_ok = jnp.isfinite(jnp.sum(losses))
+    finite = loss_ok if config.loss_scaling else loss_ok & jnp.isfinite(grad_norm)
+    calls = counters["calls"] + 1
+    clean_so_far = counters["first_bad"] == 0
+    # "raise" freezes the weights from the first bad step on, so they are clean when the error comes.
+    apply = finite & clean_so_far if config.nan_policy == "raise" else finite
+    newly_bad = ~finite & clean_so_far
+    for key in ("params", "opt_state", "extra"):
+        new_state[key] = _select_tree(apply, new_state[key], state[key])
+    if config.loss_scaling:
+        # A finite loss keeps the loss scaler's own decision (an overflow does not advance the step).
+        new_state["step"] = jnp.where(loss_ok, new_state["step"], state["step"] + 1)
+        for key in ("loss_scale", "good_steps"):
+            new_state[key] = jnp.where(loss_ok, new_state[key], state[key])
+    new_state["nan"] = {
+        "calls": calls,
+        "skipped": counters["skipped"] + (~apply).astype(jnp.int32),
+        "first_bad": jnp.where(newly_bad, calls, counters["first_bad"]),
+        "metric": jnp.where(newly_bad, jnp.where(loss_ok, 2, 1), counters["metric"]).astype(jnp.int32),
+    }
+    return new_state
 
 
 def _global_norm(tree):
@@ -77,6 +127,13 @@ def default_loss(logits, labels, num_items):
         total = -jnp.sum(jnp.where(valid, picked, 0.0))
         denom = num_items if num_items is not None else jnp.maximum(valid.sum(), 1)
         return total / denom
+    if logits.ndim == labels.ndim + 1 and logits.shape[-1] > 1:
+        # Checked while tracing, so the user sees this instead of a broadcasting error from inside jax.
+        raise ValueError(
+            f"`labels` are {labels.dtype} with shape {labels.shape}, but the model returns class logits of shape "
+            f"{logits.shape}: classification needs integer class ids. Cast the label column to int (e.g. "
+            "dataset.map(lambda ex: {'labels': int(ex['labels'])})), or return a loss from the model for other targets."
+        )
     predictions = logits.astype(jnp.float32)
     if predictions.shape != labels.shape and predictions.shape[-1:] == (1,):
         predictions = predictions[..., 0]
@@ -177,6 +234,9 @@ def make_train_step(adapter, tx: optax.GradientTransformation, config: StepConfi
             grow = good >= _FP16_GROWTH_INTERVAL
             new_state["loss_scale"] = jnp.where(finite, jnp.where(grow, scale * 2, scale), scale / 2)
             new_state["good_steps"] = jnp.where(grow, 0, good)
+        if config.nan_policy != "ignore":
+            new_state = apply_nan_policy(config, state, new_state, losses, grad_norm)
+            return new_state, {"loss": losses, "grad_norm": grad_norm, "nan": new_state["nan"]}
         return new_state, {"loss": losses, "grad_norm": grad_norm}
 
     return train_step

@@ -114,6 +114,6 @@ class TorchaxAdapter:
         with torch.no_grad():
             for name, value in host.items():
                 target = self.module.get_parameter(name)
-                target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)).to(target.dtype))
+                target.copy_(torch.from_numpy(np.array(value, dtype=np.float32)).to(target.dtype))  # a writable copy
         self.module.train(True)
         return self.module

@@ -21,6 +21,7 @@ from torch import nn
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
 from . import distributed, state_io
+from .nan_guard import make_nan_guard
 from .optim import build_optimizer
 
 
@@ -32,6 +33,7 @@ class TorchState:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     scaler: Any = None
+    nan_guard: Any = None  # nan_guard.NanGuard under nan_policy "skip"/"raise"
 
 
 class PlateauScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -181,7 +183,8 @@ class TorchBackend:
         scaler = None
         if args.fp16:
             scaler = torch.amp.GradScaler(self.device.type)
-        return TorchState(model=runner, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        guard = make_nan_guard(args, self.device, loss_scaling=scaler is not None)
+        return TorchState(model=runner, optimizer=optimizer, scheduler=scheduler, scaler=scaler, nan_guard=guard)
 
     # ------------------------------------------------------------------ steps
 
@@ -250,13 +253,17 @@ class TorchBackend:
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
+        guard = state.nan_guard
+        guarded = guard.guarded_step(optimizer, guard.update(losses, grad_norm), state.scaler) if guard else contextlib.nullcontext()
         if state.scaler is not None:
             scale_before = state.scaler.get_scale()
-            state.scaler.step(optimizer)
-            state.scaler.update()
+            with guarded:
+                state.scaler.step(optimizer)
+                state.scaler.update()
             skipped = state.scaler.get_scale() < scale_before  # an overflow skips the step (and the schedule)
         else:
-            optimizer.step()
+            with guarded:
+                optimizer.step()
             skipped = False
         events.optimizer_step()
         learning_rate = _current_lr(state.scheduler, optimizer)
@@ -265,7 +272,8 @@ class TorchBackend:
         optimizer.zero_grad(set_to_none=True)
         # HF logs the mean over processes of each process's loss (its gathered tr_loss).
         loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
-        return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate)
+        nonfinite = guard.report() if guard else None
+        return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, nonfinite=nonfinite)
 
     def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
         model = state.model if state is not None else self.model
@@ -301,6 +309,18 @@ class TorchBackend:
             logits = None
         return EvalOutput(loss, logits, labels)
 
+    def generate(self, state, batch, gen_kwargs: dict):
+        """HF `generate` on the unwrapped model, in eval mode without gradients (see generation.py)."""
+        from .generation import hf_generate
+
+        return hf_generate(self.model, batch, gen_kwargs, autocast=self._autocast(), synced_gpus=bool(self.dist.fsdp))
+
+    def step_flops(self) -> float | None:
+        return None  # eager torch has no compiled program to ask; no MFU in the logs
+
+    def peak_flops(self) -> float | None:
+        return None
+
     def to_host(self, tree: Any) -> Any:
         if isinstance(tree, torch.Tensor):
             tree = tree.detach()
@@ -333,12 +353,14 @@ class TorchBackend:
             state_io.save_training_state(state, directory, self.dist)
 
     def restore(self, state: TorchState, directory: str) -> TorchState:
-        state_io.load_model_weights(self.model, directory, self.dist)
-        state_io.load_training_state(state, directory, self.dist)
+        unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
+        state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+        state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
         return state
 
     def load_model_weights(self, state, directory: str) -> None:
-        state_io.load_model_weights(self.model, directory, self.dist)
+        unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
+        state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
 
     def export_model(self, state, directory: str) -> None:
         state_io.save_model_weights(self.model, directory, self.dist)
@@ -348,6 +370,11 @@ class TorchBackend:
 
     def barrier(self) -> None:
         distributed.barrier(self.dist)
+
+    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+        # This process's SIGTERM flag: schedulers signal every rank, and a collective here would
+        # cost a host round trip per step.
+        return local_flag
 
 
 def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: bool = False) -> torch.Tensor:

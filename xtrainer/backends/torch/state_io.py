@@ -2,7 +2,10 @@
 
 File names and contents match what transformers' Trainer writes (model.safetensors, config.json,
 optimizer.pt, scheduler.pt, scaler.pt, rng_state[_N].pth), so checkpoints move both ways.
-Everything is read with `weights_only=True`: loading a checkpoint never runs pickled code.
+Everything is read with `weights_only=True` (plus numpy's RNG-state types on an allow-list): loading
+a checkpoint never runs pickled code. A file the safe loader refuses (it pickles other objects)
+raises `UnsafeCheckpointError` naming the file, unless the caller passes `allow_unsafe=True`
+(TrainingArguments.allow_unsafe_checkpoint_load), which unpickles it fully.
 
 Distributed runs: rank 0 writes every replicated file (model, optimizer.pt under DDP, scheduler,
 scaler) and each rank its own rng_state_{rank}.pth. Under FSDP2 the model is gathered into full
@@ -16,7 +19,9 @@ read back under FSDP2 too.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import warnings
 
@@ -26,6 +31,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import broadcast_object, unwrap
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -91,8 +98,20 @@ def save_model_weights(model: nn.Module, directory: str, info) -> None:
     save_file(_dedupe_shared(state_dict), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def read_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Reads model weights from a checkpoint directory (single or sharded safetensors, or legacy .bin)."""
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects that `torch.load(weights_only=True)` refuses to build."""
+
+    def __init__(self, message: str, *, path: str):
+        super().__init__(message)
+        self.path = path
+
+
+def read_weights(directory: str, *, allow_unsafe: bool = False) -> dict[str, torch.Tensor]:
+    """Reads model weights from a checkpoint directory (single or sharded safetensors, or legacy .bin).
+
+    Args:
+        allow_unsafe: unpickle a legacy pytorch_model.bin fully when the safe loader refuses it.
+    """
     from safetensors.torch import load_file
 
     single = os.path.join(directory, WEIGHTS_NAME)
@@ -109,7 +128,9 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
                 state.update(load_file(os.path.join(directory, shard)))
             return state
         if os.path.isfile(legacy):
-            return torch.load(legacy, map_location="cpu", weights_only=True)
+            return _load(legacy, allow_unsafe=allow_unsafe)
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:  # a truncated or corrupt file: say which one
         raise ValueError(f"Cannot read the model weights in {directory}: {exc}") from exc
     raise FileNotFoundError(
@@ -152,15 +173,17 @@ def _mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], directory: 
     )
 
 
-def load_model_weights(model: nn.Module, directory: str, info) -> None:
+def load_model_weights(model: nn.Module, directory: str, info, *, allow_unsafe: bool = False) -> None:
     """Loads weights into the model, with a clear error when they belong to another model.
+
+    `allow_unsafe` lets a legacy pytorch_model.bin be unpickled fully (see read_weights).
 
     Under FSDP only rank 0 reads the file; its tensors are broadcast and each process keeps its
     shard. Rank 0's verdict on the file is shared first, so a bad checkpoint raises the same error
     on every process instead of leaving the others waiting in the broadcast.
     """
     if not info.sharded:
-        state_dict = read_weights(directory)
+        state_dict = read_weights(directory, allow_unsafe=allow_unsafe)
         problem = _mismatch(model, state_dict, directory)
         if problem:
             raise ValueError(problem)
@@ -171,7 +194,7 @@ def load_model_weights(model: nn.Module, directory: str, info) -> None:
     state_dict, problem = {}, None
     if info.is_main:
         try:
-            state_dict = read_weights(directory)
+            state_dict = read_weights(directory, allow_unsafe=allow_unsafe)
             problem = _mismatch(model, state_dict, directory)
         except (OSError, ValueError) as exc:
             problem = str(exc)
@@ -213,10 +236,33 @@ def save_training_state(state, directory: str, info) -> None:
     torch.save(rng, _rng_file(directory, info))
 
 
-def _load(path: str, device=None):
+def _load(path: str, device=None, *, allow_unsafe: bool = False):
+    """torch.load with weights_only=True; a refused file raises UnsafeCheckpointError unless allow_unsafe.
+
+    A corrupt or truncated file raises ValueError naming it. With allow_unsafe the file is
+    unpickled fully (weights_only=False), which runs whatever code the pickle holds: only for
+    checkpoints the user trusts, and logged as a warning.
+    """
+    location = device or "cpu"
     try:
         with _numpy_safe_globals():
-            return torch.load(path, map_location=device or "cpu", weights_only=True)
+            return torch.load(path, map_location=location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise ValueError(f"Cannot read {path} (truncated or corrupt?): {exc}") from exc
+        if not allow_unsafe:
+            first_line = str(exc).strip().splitlines()[0]
+            raise UnsafeCheckpointError(
+                f"Refusing to unpickle {path}: it holds objects other than tensors and plain containers, and "
+                "unpickling them could run arbitrary code stored in the file. If you trust this checkpoint, set "
+                f"TrainingArguments(allow_unsafe_checkpoint_load=True). (torch said: {first_line})",
+                path=path,
+            ) from exc
+    except Exception as exc:
+        raise ValueError(f"Cannot read {path} (truncated or corrupt?): {exc}") from exc
+    logger.warning("Unpickling %s with weights_only=False (allow_unsafe_checkpoint_load=True).", path)
+    try:
+        return torch.load(path, map_location=location, weights_only=False)
     except Exception as exc:
         raise ValueError(f"Cannot read {path} (truncated or corrupt?): {exc}") from exc
 
@@ -252,7 +298,7 @@ def _load_sharded_optimizer(state, shards: str, info) -> None:
     set_optimizer_state_dict(model, state.optimizer, holder["optimizer"])
 
 
-def _load_full_optimizer_sharded(state, path: str) -> None:
+def _load_full_optimizer_sharded(state, path: str, allow_unsafe: bool = False) -> None:
     """Reads a full optimizer.pt (one process, DDP or transformers) into an FSDP-sharded optimizer.
 
     optimizer.pt names parameters by their position in the param groups; the distributed
@@ -262,7 +308,7 @@ def _load_full_optimizer_sharded(state, path: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     model = unwrap(state.model)
-    saved = _load(path)
+    saved = _load(path, allow_unsafe=allow_unsafe)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = state.optimizer.param_groups
     if len(saved["param_groups"]) != len(groups) or any(
@@ -281,8 +327,12 @@ def _load_full_optimizer_sharded(state, path: str) -> None:
     set_optimizer_state_dict(model, state.optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def load_training_state(state, directory: str, info) -> None:
-    """Reads optimizer, scheduler, scaler and RNG state written by save_training_state (or by HF)."""
+def load_training_state(state, directory: str, info, *, allow_unsafe: bool = False) -> None:
+    """Reads optimizer, scheduler, scaler and RNG state written by save_training_state (or by HF).
+
+    Every .pt/.pth file is read with weights_only=True; `allow_unsafe` (allow_unsafe_checkpoint_load)
+    unpickles the ones the safe loader refuses.
+    """
     shards = os.path.join(directory, OPTIMIZER_SHARDS_DIR)
     path = os.path.join(directory, OPTIMIZER_NAME)
     if os.path.isdir(shards):
@@ -292,18 +342,18 @@ def load_training_state(state, directory: str, info) -> None:
             f"{directory} has no {OPTIMIZER_NAME}: it cannot be resumed (was it saved with save_only_model?)."
         )
     elif info.sharded:
-        _load_full_optimizer_sharded(state, path)
+        _load_full_optimizer_sharded(state, path, allow_unsafe)
     else:
-        state.optimizer.load_state_dict(_load(path))
+        state.optimizer.load_state_dict(_load(path, allow_unsafe=allow_unsafe))
     sched = os.path.join(directory, "scheduler.pt")
     if os.path.isfile(sched):
-        state.scheduler.load_state_dict(_load(sched))
+        state.scheduler.load_state_dict(_load(sched, allow_unsafe=allow_unsafe))
     scaler = os.path.join(directory, "scaler.pt")
     if state.scaler is not None and os.path.isfile(scaler):
-        state.scaler.load_state_dict(_load(scaler))
+        state.scaler.load_state_dict(_load(scaler, allow_unsafe=allow_unsafe))
     rng_path = _rng_file(directory, info)
     if os.path.isfile(rng_path):
-        rng = _load(rng_path)
+        rng = _load(rng_path, allow_unsafe=allow_unsafe)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.random.set_rng_state(rng["cpu"])

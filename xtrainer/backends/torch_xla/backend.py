@@ -30,6 +30,7 @@ Options (a TrainingArguments attribute of that name, else the environment variab
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -56,6 +57,7 @@ from ..torch.backend import (
     _loss_shifts_labels,
     build_lr_scheduler,
 )
+from ..torch.nan_guard import make_nan_guard
 from ..torch.optim import build_optimizer
 from . import spmd
 from .static_shapes import PadPolicy, Padded, batch_signature, describe_change, pad_batch
@@ -290,7 +292,8 @@ class TorchXlaBackend(TorchBackend):
         self._last_signature = None
         self._steps = 0
         self.compile_events = []
-        return TorchState(model=self.model, optimizer=optimizer, scheduler=scheduler, scaler=None)
+        guard = make_nan_guard(args, self.device)
+        return TorchState(model=self.model, optimizer=optimizer, scheduler=scheduler, scaler=None, nan_guard=guard)
 
     def _adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Points a user-built optimizer (over the CPU model's parameters) at the device parameters."""
@@ -344,6 +347,8 @@ class TorchXlaBackend(TorchBackend):
         num_items = self._num_items_tensor(num_items_in_batch)
         scaled_for_ga = (self.accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
         batches = window.batches
+        # Shapes only (no device read): the analytic FLOPs of this step, for the `mfu` log.
+        self._step_ids_shapes = [tuple(b["input_ids"].shape) for b in batches if "input_ids" in b]
         losses = []
         for i, inputs in enumerate(batches):
             with self._autocast():
@@ -360,7 +365,10 @@ class TorchXlaBackend(TorchBackend):
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
         had_state = bool(optimizer.state)
-        optimizer.step()
+        guard = state.nan_guard
+        # In the lazy graph: the update is selected on device, nothing is read back.
+        with guard.guarded_step(optimizer, guard.update(losses, grad_norm)) if guard else contextlib.nullcontext():
+            optimizer.step()
         if not had_state:  # this step created the optimizer state: lay it out like the parameters
             self._reshard_optimizer(optimizer)
         events.optimizer_step()
@@ -371,7 +379,41 @@ class TorchXlaBackend(TorchBackend):
         spmd.sync()
         self._steps += 1
         self._check_recompilation(spmd.compile_count() - compiled_before, signature)
-        return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate)
+        nonfinite = guard.report() if guard else None
+        return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, nonfinite=nonfinite)
+
+    def step_flops(self) -> float | None:
+        """Analytic FLOPs of the last step (6·params·tokens + attention, see throughput.analytic_train_flops).
+
+        Tokens are the padded input_ids elements the device really computed; None without input_ids.
+        """
+        from ...throughput import analytic_train_flops
+
+        shapes = getattr(self, "_step_ids_shapes", None)
+        if not shapes:
+            return None
+        config = getattr(self.host_model, "config", None)
+        layers, hidden = getattr(config, "num_hidden_layers", 0) or 0, getattr(config, "hidden_size", 0) or 0
+        params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return sum(analytic_train_flops(params, int(np.prod(s)), s[-1], layers, hidden) for s in shapes)
+
+    def peak_flops(self) -> float | None:
+        from ...throughput import device_peak_flops
+
+        platform = (xr.device_type() or "").lower()
+        kind = None
+        if platform == "tpu":  # SPMD's virtual device has no kind; the host's accelerator type ("v5p-8") does
+            try:
+                from torch_xla._internal import tpu
+
+                kind = "TPU " + tpu.get_tpu_type()
+            except Exception:  # metadata server unreachable: no table figure (XTRAINER_PEAK_FLOPS still works)
+                kind = None
+        per_device = device_peak_flops(kind, platform)
+        if per_device is None:
+            return None
+        # The PJRT CPU "devices" share the host's cores: the measured host figure is their total.
+        return per_device if platform == "cpu" else per_device * xr.global_runtime_device_count()
 
     def _check_recompilation(self, compiled: int, signature: tuple) -> None:
         """The recompilation guard.
@@ -417,6 +459,24 @@ class TorchXlaBackend(TorchBackend):
             spmd.sync()  # a small graph of slices; the forward graph stays the same for every batch
         return out
 
+    def generate(self, state, batch, gen_kwargs: dict):
+        """Static-shape greedy / beam decoding of encoder-decoder models (generation.py): one graph per step
+        shape, shared by every step and every batch. Returns CPU ids of the batch's real rows."""
+        from .generation import resolve_settings, static_generate
+
+        model = self.model
+        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+            raise ValueError(
+                "backend='torch_xla' generates with encoder-decoder models (e.g. T5ForConditionalGeneration) only; "
+                f"use backend='torch' to generate with {type(model).__name__}."
+            )
+        settings = resolve_settings(model, getattr(self.host_model, "generation_config", None), gen_kwargs)
+        padding = getattr(batch, "padding", None)
+        rows = padding.rows if padding is not None else int(batch["input_ids"].shape[0])
+        model.eval()
+        with self._autocast():
+            return static_generate(model, dict(batch), settings, real_rows=rows, sync=spmd.sync, to_cpu=spmd.to_cpu)
+
     # ------------------------------------------------------------------ host side
 
     def to_host(self, tree: Any) -> Any:
@@ -451,6 +511,9 @@ class TorchXlaBackend(TorchBackend):
 
     def barrier(self) -> None:
         return None
+
+    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+        return local_flag  # one process (multi-process runs are refused in prepare)
 
     # ------------------------------------------------------------------ weights and state I/O
 
@@ -487,18 +550,20 @@ class TorchXlaBackend(TorchBackend):
 
     def restore(self, state: TorchState, directory: str) -> TorchState:
         self.load_model_weights(state, directory)
-        state_io.load_training_state(state, directory, self.dist)
+        unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
+        state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
         self._reshard_optimizer(state.optimizer)
         rng_path = os.path.join(directory, "rng_state.pth")
         if os.path.isfile(rng_path):
-            rng = state_io._load(rng_path)
+            rng = state_io._load(rng_path, allow_unsafe=unsafe)
             if "xla" in rng:
                 xm.set_rng_state(int(rng["xla"]))
         self._last_signature = None
         return state
 
     def load_model_weights(self, state, directory: str) -> None:
-        state_io.load_model_weights(self.host_model, directory, self.dist)
+        unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
+        state_io.load_model_weights(self.host_model, directory, self.dist, allow_unsafe=unsafe)
         self._push_weights()
 
     def export_model(self, state, directory: str) -> None:
