@@ -100,7 +100,8 @@ def _eval_metric_keys(history: Sequence[dict]) -> list[str]:
 def plot_training_curves(output_dir: str, output_path: str | None = None, dpi: int = 110) -> str:
     """Writes a PNG of the run's curves against the global step; returns its path.
 
-    Panels: training loss with eval_loss, the learning rate, then one per other eval_* metric.
+    Panels: training loss with eval_loss, the learning rate, tokens per second (when logged), then
+    one per other eval_* metric.
 
     Args:
         output_dir: the run's output_dir.
@@ -123,6 +124,9 @@ def plot_training_curves(output_dir: str, output_path: str | None = None, dpi: i
     lr = _series(history, "learning_rate")
     if lr[0]:
         panels.append(("learning rate", [("learning_rate", lr)]))
+    throughput = _series(history, "tokens_per_second")
+    if throughput[0]:
+        panels.append(("tokens per second", [("tokens_per_second", throughput)]))
     for key in _eval_metric_keys(history):
         series = _series(history, key)
         if series[0]:

@@ -136,7 +136,6 @@ def test_torch_logs_tokens_per_second_without_mfu(tmp_path):
 
 def _jax_token_model():
     from flax import nnx
-    import jax.numpy as jnp
     import optax
 
     class TokenMLP(nnx.Module):

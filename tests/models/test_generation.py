@@ -76,15 +76,10 @@ def test_t5_greedy_equals_hf_generate():
     assert ours.shape == ref.shape and ours[0, 0] == 0  # starts with the decoder start token
     np.testing.assert_array_equal(ours, ref)
     assert (ref[0, 4:] == 0).all()  # the row that hit eos is padded, as in HF
-    # Without the KV cache (a full decoder pass per step) the tokens are the same.
-    np.testing.assert_array_equal(_ours(model, ids, mask, use_cache=False, **kw), ref)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(num_beams=3, max_length=9),
-    dict(num_beams=2, max_new_tokens=7, length_penalty=0.5, early_stopping=True, num_return_sequences=2),
-], ids=["beams3", "beams2-lp0.5-early-return2"])
-def test_t5_beam_search_equals_hf_generate(kw):
+def test_t5_beam_search_equals_hf_generate():
+    kw = dict(num_beams=3, max_new_tokens=7, length_penalty=0.5, early_stopping=True, num_return_sequences=2)
     hf, model = _t5_pair()
     ids, mask = _source()
     eos = _eos_seen_mid_generation(_hf(hf, ids, mask, max_new_tokens=8, eos_token_id=None), 1)
@@ -112,7 +107,7 @@ def test_llama_greedy_equals_hf_with_left_and_right_padding():
 def test_llama_beam_search_equals_hf_generate():
     hf, model = _llama_pair()
     ids, mask = _source("left")
-    kw = dict(num_beams=3, max_new_tokens=6, pad_token_id=0, eos_token_id=2)
+    kw = dict(num_beams=2, max_new_tokens=6, pad_token_id=0, eos_token_id=2, early_stopping="never", length_penalty=2.0)
     np.testing.assert_array_equal(_ours(model, ids, mask, **kw), _hf(hf, ids, mask, **kw))
 
 

@@ -254,7 +254,9 @@ class TorchBackend:
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
         guard = state.nan_guard
-        guarded = guard.guarded_step(optimizer, guard.update(losses, grad_norm), state.scaler) if guard else contextlib.nullcontext()
+        guarded = contextlib.nullcontext()
+        if guard is not None:  # nan_policy skip/raise: the update is selected on device (nan_guard.py)
+            guarded = guard.guarded_step(optimizer, guard.update(losses, grad_norm), state.scaler)
         if state.scaler is not None:
             scale_before = state.scaler.get_scale()
             with guarded:
