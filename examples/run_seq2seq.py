@@ -68,13 +68,13 @@ class DataArguments:
 # Defaults that train this tiny T5 from scratch in a few CPU minutes; the command line overrides them.
 SCRIPT_DEFAULTS = dict(
     output_dir=os.path.join(tempfile.gettempdir(), "run_seq2seq"),
-    max_steps=1500,
+    max_steps=300,  # ~80% exact match on reverse (chance 3e-4)
     learning_rate=2e-3,
-    warmup_steps=100,
+    warmup_steps=30,
     lr_scheduler_type="cosine",
     per_device_train_batch_size=64,
     per_device_eval_batch_size=100,
-    logging_steps=100,
+    logging_steps=50,
     eval_strategy="no",
     save_strategy="no",
     predict_with_generate=True,

@@ -160,7 +160,8 @@ class Seq2SeqTrainer(Trainer):
         """Settings of a loaded generation_config for models that do not carry one (e.g. Flax models)."""
         if self.generation_config is None or hasattr(self.model, "generate"):
             return {}
-        return dict(self.generation_config.to_diff_dict())
+        settings = self.generation_config.to_diff_dict()
+        return {k: v for k, v in settings.items() if k != "transformers_version" and not k.startswith("_")}
 
     def _padding_lengths(self) -> tuple[int, int | None]:
         """(max_length, max_new_tokens) of the generation config the padding follows (transformers' rule).

@@ -1,9 +1,11 @@
 """Reference Flax NNX models for the JAX backend, with transformers weight interchange.
 
 Owns the public names of the subpackage: `LlamaConfig`/`LlamaForCausalLM`,
-`BertConfig`/`BertForSequenceClassification`, `T5Config`/`T5ForConditionalGeneration`, their losses, HF import/export, and the logical-axis
-helpers (names documented in `xtrainer.models.sharding`). Requires jax and flax; transformers only
-for `to_hf()` / `save_pretrained`, torch only to read torch state dicts.
+`BertConfig`/`BertForSequenceClassification`, `T5Config`/`T5ForConditionalGeneration`, their
+losses, HF import/export, and the logical-axis helpers (names documented in
+`xtrainer.models.sharding`). Jitted greedy/beam decoding lives in `xtrainer.models.generation`.
+Requires jax and flax; transformers only for `to_hf()` / `save_pretrained`, torch only to read
+torch state dicts.
 """
 
 from .bert import BertConfig, BertForSequenceClassification, sequence_classification_loss
