@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -285,6 +286,10 @@ def serve(backend: str) -> None:
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         reply.write(json.dumps(answer) + "\n")
         reply.flush()
+    # The client is gone (finished, or its test timed out): end the runs it left behind.
+    for pid in list(trial_dirs):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def _serve_one(backend: str, request: dict, trial_dirs: dict[int, str]) -> dict:

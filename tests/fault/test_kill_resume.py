@@ -103,8 +103,13 @@ class ForkServer:
         return self.exited[pid]
 
     def close(self) -> None:
+        """Stops the server; it SIGKILLs any run still going (e.g. after a failed or timed-out test)."""
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _steps_done(trial_dir: str) -> int:
@@ -158,7 +163,7 @@ def _plan(seed: int, backend: str, run_s: float) -> dict:
         return {"seed": seed, "kind": "early", "pause_phase": "unpublished", "pause_at_step": SAVE_STEPS}
     if kind == "pause":
         phase = PHASES[(seed // 5) % len(PHASES)] if seed % 5 == 3 else PHASES[int(rng.integers(len(PHASES)))]
-        # From the 2nd save on, so a complete checkpoint exists (kills before it: the delay trials).
+        # From the 2nd save on, so a complete checkpoint exists (a kill before it: the "early" trial).
         step = int(rng.choice(range(2 * SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS)))
         return {"seed": seed, "kind": kind, "pause_phase": phase, "pause_at_step": step}
     return {"seed": seed, "kind": kind, "delay_s": round(float(rng.uniform(0.0, 0.7 * run_s)), 4)}
@@ -286,6 +291,7 @@ def _trial(server, trial_dir, plan, cache_dir, backend, reference, ref_weights) 
         return outcome, [f"{type(exc).__name__}: {exc}"]
 
 
+@pytest.mark.timeout(900)  # 21 trials; about 150 s for jax on the loaded 2-core machine, more when busier
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_kill9_then_resume_is_exact(backend, tmp_path):
     started = time.monotonic()
