@@ -84,8 +84,6 @@ SCRIPT_DEFAULTS = {
     "learning_rate": 3e-3, "warmup_steps": 0.05, "lr_scheduler_type": "cosine", "weight_decay": 0.01,
     "max_steps": 300, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32,
     "logging_steps": 25, "save_strategy": "no", "report_to": "none",
-    # A smaller last batch would be a new shape: one more XLA compile on jax / torch_xla.
-    "dataloader_drop_last": True,
     "output_dir": os.path.join(tempfile.gettempdir(), "xtrainer-run_clm"),
 }
 

@@ -51,7 +51,6 @@ def test_run_seq2seq_learns_far_above_chance(tmp_path, task):
     assert results["eval_exact_match_before"] < 0.05
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("torch_xla") is None, reason="torch_xla is only in the XLA lane")
 def test_run_seq2seq_torch_xla(tmp_path):
     results, _ = run_seq2seq(tmp_path / "xla", "--backend", "torch_xla", "--max_steps", "20",
@@ -61,8 +60,8 @@ def test_run_seq2seq_torch_xla(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_seq2seq_jax_reference(tmp_path):
-    results, _ = run_seq2seq(tmp_path / "jax", "--backend", "jax", "--max_steps", "20",
-                             "--num_train_examples", "2000", "--num_eval_examples", "32")
-    assert results["backend"] == "jax" and results["model_kind"] == "reference" and results["global_step"] == 20
-    assert 0.0 <= results["eval_exact_match"] <= 1.0
+def test_run_seq2seq_jax_reference_learns(tmp_path):
+    # xtrainer's Flax T5 on the jax backend, generating with H5's jitted search (about 1.5 CPU minutes).
+    results, _ = run_seq2seq(tmp_path / "jax", "--backend", "jax")
+    assert results["backend"] == "jax" and results["model_kind"] == "reference" and results["global_step"] == 300
+    assert results["eval_exact_match"] > 0.5, results
