@@ -3,6 +3,8 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTEST_ARGS ?=
+# Slow tests (minutes-long learning runs, multi-process preemption) run with `make test PYTEST_MARKS=`.
+PYTEST_MARKS ?= not slow
 
 .PHONY: demo test test-main test-xla venv-main venv-xla
 
@@ -13,11 +15,12 @@ test: test-main test-xla
 
 # Main lane: the whole suite on torch 2.13 CPU, jax 0.10, transformers 5.x.
 test-main:
-	venv=$$(scripts/ensure_venv.sh main); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q $(PYTEST_ARGS)
+	venv=$$(scripts/ensure_venv.sh main); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
 
-# XLA lane: the Colab TPU runtime's stack (torch/torch_xla 2.9, jax 0.7.2, transformers 5.15), whole suite.
+# XLA lane: the Colab TPU runtime's stack (torch/torch_xla 2.9, jax 0.7.2, transformers 5.15): the tests
+# of that stack (selected in tests/conftest.py; XTRAINER_XLA_LANE_FULL=1 runs the whole suite).
 test-xla:
-	venv=$$(scripts/ensure_venv.sh xla); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q $(PYTEST_ARGS)
+	venv=$$(scripts/ensure_venv.sh xla); PYTHONPATH=$(CURDIR) $$venv/bin/python -m pytest tests -q -m "$(PYTEST_MARKS)" $(PYTEST_ARGS)
 
 # Side-by-side benchmark vs transformers' Trainer and bare loops (bench/harness.py; writes bench/RESULTS.md).
 .PHONY: bench

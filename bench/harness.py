@@ -25,7 +25,6 @@ the same run, with FLOPs/token = 6*N + 12*layers*hidden*seq (MaxText convention,
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform

@@ -180,3 +180,16 @@ def finish_example(output_dir: str, results: dict[str, Any], is_main_process: bo
         json.dump(results, f, indent=2, default=str)
     print(f"results written to {path}")
     return path
+
+
+def resolve_model_kind(model_kind: str | None, backend: str) -> str:
+    """`--model_kind` or its default for the backend: the Flax reference model on jax, else an HF model.
+
+    Raises:
+        SystemExit: the Flax reference model was asked for on a torch backend.
+    """
+    kind = model_kind or ("reference" if backend in ("jax", "auto") else "hf")
+    if kind == "reference" and backend not in ("jax", "auto"):
+        raise SystemExit(f"--model_kind reference is a Flax model: it runs on --backend jax, not {backend!r}. "
+                         "Use --model_kind hf for the torch backends.")
+    return kind

@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _example_utils, when run as a script
-from _example_utils import SimpleTokenizer, finish_example, parse_example_args, platform_env_defaults  # noqa: E402
+from _example_utils import (  # noqa: E402
+    SimpleTokenizer,
+    finish_example,
+    parse_example_args,
+    platform_env_defaults,
+    resolve_model_kind,
+)
 
 platform_env_defaults()  # before jax / torch_xla are imported
 
@@ -199,10 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     from xtrainer import Trainer, set_seed
 
     set_seed(training_args.seed)
-    kind = model_args.model_kind or ("reference" if training_args.backend in ("jax", "auto") else "hf")
-    if kind == "reference" and training_args.backend not in ("jax", "auto"):
-        raise SystemExit(f"--model_kind reference is a Flax model: it runs on --backend jax, not "
-                         f"{training_args.backend!r}. Use --model_kind hf for the torch backends.")
+    kind = resolve_model_kind(model_args.model_kind, training_args.backend)
 
     train_rows, eval_rows, label_names = load_data(data_args, training_args.seed)
     tokenizer = SimpleTokenizer.build((r["text"] for r in train_rows), level="word", specials=SPECIALS)

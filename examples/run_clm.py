@@ -39,6 +39,7 @@ from _example_utils import (  # noqa: E402
     parse_example_args,
     perplexity,
     platform_env_defaults,
+    resolve_model_kind,
 )
 
 platform_env_defaults()  # before jax / torch_xla are imported
@@ -192,10 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     from xtrainer import Trainer, set_seed
 
     set_seed(training_args.seed)
-    kind = model_args.model_kind or ("reference" if training_args.backend in ("jax", "auto") else "hf")
-    if kind == "reference" and training_args.backend not in ("jax", "auto"):
-        raise SystemExit(f"--model_kind reference is a Flax model: it runs on --backend jax, not "
-                         f"{training_args.backend!r}. Use --model_kind hf for the torch backends.")
+    kind = resolve_model_kind(model_args.model_kind, training_args.backend)
 
     train_text, eval_text, prompts = load_corpus(data_args, training_args.seed)
     tokenizer = SimpleTokenizer.build([train_text], level=data_args.tokenizer_level, max_size=data_args.max_vocab_size)

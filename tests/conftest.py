@@ -35,3 +35,29 @@ def _baseline_dataloaders_without_pinned_memory():
 
 
 _baseline_dataloaders_without_pinned_memory()
+
+
+# The XLA lane exists for the Colab TPU stack: torch_xla, torchax, and transformers/jax versions
+# that differ from the main lane's. It runs the tests that exercise that stack (the torch_xla and
+# torchax backends, the parity tests against transformers 5.15, the backend-neutral unit tests,
+# the Colab notebook, and every test parametrised over torch_xla/torchax); the main lane runs the
+# whole suite. XTRAINER_XLA_LANE_FULL=1 runs everything in the XLA lane too.
+_XLA_LANE_DIRS = ("tests/backends/torch_xla/", "tests/backends/torchax/", "tests/parity/", "tests/unit/")
+_XLA_LANE_WORDS = ("torch_xla", "torchax", "xla", "colab")
+
+
+def _in_xla_lane_selection(nodeid: str) -> bool:
+    return nodeid.startswith(_XLA_LANE_DIRS) or any(word in nodeid.lower() for word in _XLA_LANE_WORDS)
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None or os.environ.get("XTRAINER_XLA_LANE_FULL") == "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if _in_xla_lane_selection(item.nodeid) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

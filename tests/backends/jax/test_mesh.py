@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import xtrainer
-from jax_models import RegressionMLP, regression_rows
+from jax_models import RegressionMLP
 from xtrainer.sharding import MeshConfig, fsdp_spec, logical_to_spec, param_spec, parse_sharding_rules
 
 HERE = os.path.dirname(__file__)
