@@ -37,6 +37,38 @@ def _baseline_dataloaders_without_pinned_memory():
 _baseline_dataloaders_without_pinned_memory()
 
 
+def _start_xla_cpu_runtime():
+    """In the XLA lane, starts the torch_xla CPU runtime (4 SPMD devices) before any test module runs.
+
+    Now: the autograd engine sizes its device queues at the process's first backward pass, and an
+    XLA runtime started after that crashes every XLA backward (pytorch/xla#4174); test modules run
+    CPU backward passes in any order. Unoptimised XLA:CPU compiles: the programs of the tests are
+    tiny, so LLVM optimisation is nearly all of their compile time. XLA_FLAGS is read once, when the
+    runtime starts; its previous value is put back for the other tests (JAX reads it later).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None:
+        return
+    os.environ.setdefault("PJRT_DEVICE", "CPU")
+    os.environ.setdefault("CPU_NUM_DEVICES", "4")
+    import torch_xla.runtime as xr
+
+    before = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{before or ''} --xla_backend_optimization_level=0".strip()
+    try:
+        xr.use_spmd()
+        assert xr.global_runtime_device_count() == 4
+    finally:
+        if before is None:
+            os.environ.pop("XLA_FLAGS", None)
+        else:
+            os.environ["XLA_FLAGS"] = before
+
+
+_start_xla_cpu_runtime()
+
+
 # The XLA lane exists for the Colab TPU stack: torch_xla, torchax, and transformers/jax versions
 # that differ from the main lane's. It runs the tests that exercise that stack (the torch_xla and
 # torchax backends, the parity tests against transformers 5.15, the backend-neutral unit tests,

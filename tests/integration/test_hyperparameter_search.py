@@ -1,16 +1,8 @@
 """Trainer.hyperparameter_search with optuna on the torch, jax and torch_xla backends."""
 
 import importlib.util
-import os
 
-HAS_XLA = importlib.util.find_spec("torch_xla") is not None
-if HAS_XLA:  # the XLA runtime must start before this process's first backward pass (pytorch/xla#4174)
-    os.environ.setdefault("PJRT_DEVICE", "CPU")
-    os.environ.setdefault("CPU_NUM_DEVICES", "4")
-    import torch_xla.runtime as xr
-
-    xr.use_spmd()
-    xr.global_runtime_device_count()
+HAS_XLA = importlib.util.find_spec("torch_xla") is not None  # its runtime is started by tests/conftest.py
 
 import pytest  # noqa: E402
 

@@ -6,12 +6,8 @@ Runs in the XLA lane only (skipped where torch_xla is not installed).
 
 import os
 
-os.environ.setdefault("PJRT_DEVICE", "CPU")
-os.environ.setdefault("CPU_NUM_DEVICES", "4")
-
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 torch_xla = pytest.importorskip("torch_xla")
 
@@ -24,33 +20,6 @@ from helpers import RegressionModel, lm_data, regression_data  # noqa: E402
 
 MESHES = {"4x1x1": {"data": 4}, "2x2x1": {"data": 2, "fsdp": 2}, "1x4x1": {"fsdp": 4}, "1x2x2": {"fsdp": 2, "tensor": 2}}
 GLOBAL_BATCH = 8  # 20 examples -> batches of 8, 8, 4 per epoch
-
-
-
-def _start_xla_cpu_runtime():
-    """Starts the torch_xla CPU runtime now, at collection, with fast (unoptimised) XLA:CPU compiles.
-
-    Now: the autograd engine sizes its device queues at the process's first backward pass, and an
-    XLA runtime started after that crashes every XLA backward (pytorch/xla#4174); other test modules
-    run CPU backward passes first. Unoptimised: the programs here are tiny, so LLVM optimisation is
-    nearly all of their compile time. XLA_FLAGS is read once, when the runtime starts; its previous
-    value is put back for the other tests of the session.
-    """
-    import torch_xla.runtime as xr
-
-    before = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = f"{before or ''} --xla_backend_optimization_level=0".strip()
-    try:
-        xr.use_spmd()
-        assert xr.global_runtime_device_count() == 4
-    finally:
-        if before is None:
-            os.environ.pop("XLA_FLAGS", None)
-        else:
-            os.environ["XLA_FLAGS"] = before
-
-
-_start_xla_cpu_runtime()
 
 
 def tiny_gpt2(seed: int = 0):
