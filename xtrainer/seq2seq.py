@@ -17,7 +17,6 @@ Follows transformers' `Seq2SeqTrainer` semantics:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,37 +44,9 @@ class Seq2SeqTrainer(Trainer):
     # so eval_loss weighs every batch equally; kept for identical metrics.
     eval_loss_full_batch_weight = True
 
-    def __init__(
-        self,
-        model: Any = None,
-        args: Any = None,
-        data_collator: Callable | None = None,
-        train_dataset: Any = None,
-        eval_dataset: Any = None,
-        processing_class: Any = None,
-        model_init: Callable | None = None,
-        compute_loss_func: Callable | None = None,
-        compute_metrics: Callable | None = None,
-        callbacks: list | None = None,
-        optimizers: tuple = (None, None),
-        preprocess_logits_for_metrics: Callable | None = None,
-        **deprecated,
-    ):
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            model_init=model_init,
-            compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            **deprecated,
-        )
+    def __init__(self, *args, **kwargs):
+        # Trainer's own signature (model, args, data_collator, ...): one list to keep in sync.
+        super().__init__(*args, **kwargs)
         self._gen_kwargs: dict = {}
         # Priority as in transformers: args.generation_config > model.generation_config > defaults.
         self.generation_config = None
