@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CONFIGS = {
-    "tiny": dict(layers=2, hidden=128, heads=4, inter=256, vocab=1024, batch=8, seq=64, warmup=3, steps=20),
+    "tiny": dict(layers=2, hidden=128, heads=4, inter=256, vocab=1024, batch=8, seq=64, warmup=3, steps=60),
     "small": dict(layers=4, hidden=256, heads=4, inter=512, vocab=2048, batch=8, seq=128, warmup=2, steps=10),
 }
 LR = 5e-5
