@@ -295,6 +295,20 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+NOTES_HEADING = "## Notes"
+
+
+def kept_notes(path):
+    """The hand-written "## Notes" section of an earlier results file (analysis that outlives one run)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return []
+    start = text.find("\n" + NOTES_HEADING)
+    return ["", text[start + 1:].rstrip()] if start >= 0 else []
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -380,7 +394,10 @@ def main():
                          f"{row['mfu'] * 100:.1f}% | {row['n']} |")
         d, g = table.get((cfg_name, "d")), table.get((cfg_name, "g"))
         if d and g:
-            lines.append(f"\nFront overhead (d vs g), {cfg_name}: {(d['step_ms'] / g['step_ms'] - 1) * 100:+.1f}%")
+            # d and g of one repeat ran back to back, so their paired ratios show the noise of the figure.
+            paired = [rd["steady_s"] / rg["steady_s"] - 1 for rd, rg in zip(runs[(cfg_name, "d")], runs[(cfg_name, "g")])]
+            lines.append(f"\nFront overhead (d vs g), {cfg_name}: {(d['step_ms'] / g['step_ms'] - 1) * 100:+.1f}% "
+                         f"(ratio of medians; per repeat: {', '.join(f'{x * 100:+.1f}%' for x in paired)})")
 
     verdicts = []
     for label, kind, cfg_name, minimum in TARGETS:
@@ -441,6 +458,7 @@ def main():
             for (cfg_name, kind), err in errors.items():
                 tail = err.strip().splitlines()[-3:] if err.strip() else ["?"]
                 md.append(f"- {cfg_name} ({kind}) {CONTENDERS[kind][0]}: `{' / '.join(t.strip() for t in tail)[:300]}`")
+        md += kept_notes(cli.results)
         with open(cli.results, "w") as f:
             f.write("\n".join(md) + "\n")
         print(f"[bench] wrote {cli.results} ({time.perf_counter() - wall0:.0f}s total)")
