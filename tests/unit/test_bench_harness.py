@@ -33,3 +33,10 @@ def test_hand_written_notes_survive_a_rewrite(harness, tmp_path):
     assert kept == ["", "## Notes (by hand)\n\n- profile: dots dominate"]
     path.write_text("# Benchmark results\n\nno notes here\n")
     assert harness.kept_notes(str(path)) == []
+
+
+def test_timed_windows_follow_the_warm_up(harness):
+    cfg = dict(warmup=3, steps=4)
+    assert harness.total_steps(cfg) == 3 + harness.WINDOWS * 4
+    starts = [s for s in range(1, harness.total_steps(cfg) + 1) if harness.is_window_start(s, cfg)]
+    assert starts == [3 + 4 * i for i in range(harness.WINDOWS)]  # the last step ends a window, never starts one
