@@ -8,7 +8,7 @@ alternating (a, b, c, ... then again), median over repeats:
 
   a  transformers.Trainer on transformers' LlamaForCausalLM (use_cpu, sequential sampling)
   b  xtrainer backend="torch" on the same HF model
-  c  a bare torch loop (AdamW, same lr, same batches, grad clip 1.0)
+  c  a bare torch loop (fused AdamW as in a and b, same lr, same batches, grad clip 1.0)
   d  xtrainer backend="jax" on xtrainer.models.LlamaForCausalLM with the HF weights (load_hf_llama)
   e  xtrainer backend="jax" on the HF torch model via torchax            (XLA lane venv)
   f  xtrainer backend="torch_xla", PJRT_DEVICE=CPU CPU_NUM_DEVICES=1       (XLA lane venv; information only)
@@ -173,7 +173,8 @@ def run_bare_torch(cfg):
 
     model = hf_model(cfg)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    # fused: the AdamW implementation transformers' Trainer (adamw_torch_fused) and xtrainer's torch backend use
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
     data = rows(cfg)
     b = cfg["batch"]
     batches = [{k: torch.tensor([r[k] for r in data[i:i + b]]) for k in ("input_ids", "labels")}
