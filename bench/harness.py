@@ -14,6 +14,8 @@ alternating (a, b, c, ... then again), median over repeats:
   f  xtrainer backend="torch_xla", PJRT_DEVICE=CPU CPU_NUM_DEVICES=1       (XLA lane venv; information only)
   g  a bare loop over the JAX backend's own compiled step (same state, same windows, pre-sharded):
      front overhead of xtrainer's loop = time(d) / time(g) - 1
+  h  (tiny only, once) d and g again, inside one process in the order d g g d: the front overhead
+     without the process-to-process noise of this VM; the overhead target is judged on it
 
 Steady state: after W warm-up steps, two consecutive windows of S steps are timed (asynchronous
 backends drained at each boundary; the last window ends after a final host read of the loss) and
@@ -48,7 +50,10 @@ LR = 5e-5
 # other tenants of this shared machine only ever adds time, and a second window costs far less than
 # another process (imports, model build, compile).
 WINDOWS = 2
-ONCE = {"f"}  # information-only contenders: one run per config keeps the whole bench under 10 minutes
+ONCE = {"f"}
+# h is not a contender: it measures the front's overhead (d vs g) inside one process, on the configs
+# the issue sets that target for.
+IN_PROCESS_OVERHEAD_CONFIGS = {"tiny"}  # information-only contenders: one run per config keeps the whole bench under 10 minutes
 SEED = 0
 
 CONTENDERS = {
@@ -239,16 +244,41 @@ def run_bare_jit(cfg):
     return t0, marks, last
 
 
+def steady_seconds(marks):
+    bounds = marks["bounds"] + [marks["end"]]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def front_overhead_in_process(cfg):
+    """h: the Trainer (d) and the bare loop over its compiled step (g) in one process, order d g g d.
+
+    Separate processes on this VM differ by more than the front costs; in one process both loops
+    share the runtime, the memory state and the time, and the ABBA order cancels a linear drift.
+    """
+    import jax
+
+    # The four loops compile the same step: a compilation cache makes the last three cheap.
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    seconds = {"d": [], "g": []}
+    for kind in ("d", "g", "g", "d"):
+        _, marks, _ = run_trainer("d", cfg) if kind == "d" else run_bare_jit(cfg)
+        seconds[kind].append(min(steady_seconds(marks)))
+    return [d / g - 1 for d, g in zip(seconds["d"], seconds["g"])]
+
+
 def child(kind, cfg_name):
     cfg = CONFIGS[cfg_name]
+    if kind == "h":
+        print("RESULT", json.dumps({"overheads": front_overhead_in_process(cfg)}))
+        return
     if kind == "c":
         t0, marks, loss = run_bare_torch(cfg)
     elif kind == "g":
         t0, marks, loss = run_bare_jit(cfg)
     else:
         t0, marks, loss = run_trainer(kind, cfg)
-    bounds = marks["bounds"] + [marks["end"]]
-    windows = [b - a for a, b in zip(bounds, bounds[1:])]
+    windows = steady_seconds(marks)
     steady = min(windows)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     print("RESULT", json.dumps({"steady_s": steady, "windows_s": windows, "steps": cfg["steps"], "first_s": marks["first"] - t0,
@@ -354,9 +384,12 @@ def main():
 
     runs = {(c, k): [] for c in cfg_names for k in kinds}
     errors = {}
+    in_process = {}
     for cfg_name in cfg_names:
         for rep in range(cli.repeats):
-            for kind in kinds:  # alternating: each repeat runs every contender once, in turn
+            # Alternating, each repeat in the opposite order to the last, so no contender always
+            # follows the same neighbour.
+            for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
                 if kind in ONCE and rep > 0:
                     continue
                 lane = CONTENDERS[kind][1]
@@ -373,6 +406,15 @@ def main():
                     runs[(cfg_name, kind)].append(res)
                     print(f"[bench] {cfg_name} {kind} run {rep + 1}: {res['steady_s'] / res['steps'] * 1e3:.1f} ms/step "
                           f"(process {took:.0f}s)")
+        if cfg_name in IN_PROCESS_OVERHEAD_CONFIGS and {"d", "g"} <= set(kinds):
+            res, err = run_child(pythons["main"], "h", cfg_name, cli.timeout)
+            if err:
+                errors[(cfg_name, "h")] = err
+                print(f"[bench] {cfg_name} front overhead in one process FAILED:\n{err}")
+            else:
+                in_process[cfg_name] = res["overheads"]
+                print(f"[bench] {cfg_name} front overhead in one process (d g g d): "
+                      f"{', '.join(f'{x * 100:+.1f}%' for x in res['overheads'])}")
 
     table = {}
     for cfg_name in cfg_names:
@@ -418,6 +460,10 @@ def main():
             paired = [rd["steady_s"] / rg["steady_s"] - 1 for rd, rg in zip(runs[(cfg_name, "d")], runs[(cfg_name, "g")])]
             lines.append(f"\nFront overhead (d vs g), {cfg_name}: {(d['step_ms'] / g['step_ms'] - 1) * 100:+.1f}% "
                          f"(ratio of medians; per repeat: {', '.join(f'{x * 100:+.1f}%' for x in paired)})")
+        if cfg_name in in_process:
+            pairs = in_process[cfg_name]
+            lines.append(f"\nFront overhead measured in one process (d g g d, each the faster of two windows), {cfg_name}: "
+                         f"{statistics.mean(pairs) * 100:+.1f}% (pairs: {', '.join(f'{x * 100:+.1f}%' for x in pairs)})")
 
     verdicts = []
     for label, kind, cfg_name, minimum in TARGETS:
@@ -430,10 +476,14 @@ def main():
             verdicts.append(f"| {label} | {row['ratio']:.2f}x | {'met' if row['ratio'] >= minimum else 'NOT met'} |")
     for cfg_name in cfg_names:
         d, g = table.get((cfg_name, "d")), table.get((cfg_name, "g"))
-        if d and g:
-            over = d["step_ms"] / g["step_ms"] - 1
-            verdicts.append(f"| front overhead <= 5% ({cfg_name}) | {over * 100:+.1f}% | "
-                            f"{'met' if over <= OVERHEAD_TARGET else 'NOT met'} |")
+        if cfg_name in in_process:  # the same-process figure: the cross-process one is mostly VM noise
+            over, how = statistics.mean(in_process[cfg_name]), "in one process"
+        elif d and g:
+            over, how = d["step_ms"] / g["step_ms"] - 1, "across processes"
+        else:
+            continue
+        verdicts.append(f"| front overhead <= 5% ({cfg_name}, {how}) | {over * 100:+.1f}% | "
+                        f"{'met' if over <= OVERHEAD_TARGET else 'NOT met'} |")
 
     body = "\n".join(lines)
     print(body)
@@ -465,7 +515,8 @@ def main():
             "12 x layers x hidden x seq (MaxText convention). (e) and (f) run on the XLA lane's older torch "
             "and transformers, so their HF model is seeded identically but built by another transformers "
             "version; (f) is information only. (g) loops xtrainer's own compiled JAX step with no Trainer, "
-            "so (d)/(g) - 1 is the front's overhead. Only ratios carry meaning on this shared CPU.",
+            "so (d)/(g) - 1 is the front's overhead; the same pair run inside one process (d g g d) gives the "
+            "figure the overhead target is judged on. Only ratios carry meaning on this shared CPU.",
             body,
             "",
             "## Targets (from the issue)",
@@ -478,7 +529,7 @@ def main():
             md += ["", "## Failures", ""]
             for (cfg_name, kind), err in errors.items():
                 tail = err.strip().splitlines()[-3:] if err.strip() else ["?"]
-                md.append(f"- {cfg_name} ({kind}) {CONTENDERS[kind][0]}: `{' / '.join(t.strip() for t in tail)[:300]}`")
+                md.append(f"- {cfg_name} ({kind}) {CONTENDERS.get(kind, ('front overhead in one process',))[0]}: `{' / '.join(t.strip() for t in tail)[:300]}`")
         md += kept_notes(cli.results)
         with open(cli.results, "w") as f:
             f.write("\n".join(md) + "\n")
