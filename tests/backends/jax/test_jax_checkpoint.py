@@ -48,6 +48,50 @@ def test_layout_and_bitwise_resume(tmp_path):
     assert resumed.callback_handler.pop_callback(StepCounter).steps == 4  # only the steps after the checkpoint ran
 
 
+def _to_variable_layout(path):
+    """Rewrites a checkpoint's JAX state into the layout of xtrainer builds whose NNX train state held
+    nnx Variables: every NNX leaf (params, extra, optimizer moments) one level deeper, under "value"."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    from xtrainer.manifest import write_manifest
+
+    state_dir = os.path.abspath(os.path.join(path, "jax_state"))
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(state_dir)
+
+    def nested(node, under_variable):
+        if isinstance(node, dict):
+            return {k: nested(v, under_variable or k in ("params", "extra", "mu", "nu")) for k, v in node.items()}
+        if isinstance(node, list):
+            return [nested(v, under_variable) for v in node]
+        return {"value": node} if under_variable else node
+
+    legacy = nested(state, False)
+    shutil.rmtree(state_dir)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(state_dir, legacy)
+        checkpointer.wait_until_finished()
+    os.remove(os.path.join(path, "xtrainer_manifest.json"))
+    write_manifest(str(path))
+    return legacy
+
+
+def test_checkpoint_in_the_earlier_variable_layout_resumes_bitwise(tmp_path):
+    base = RegressionMLP(nnx.Rngs(0, dropout=5), dropout=0.2)
+    full = _run(copy.deepcopy(base), tmp_path)
+    ckpt = tmp_path / "checkpoint-4"
+    legacy = _to_variable_layout(ckpt)
+    assert set(legacy["params"]["l1"]["kernel"]) == {"value"}
+    assert set(legacy["extra"]["drop"]["rngs"]["key"]) == {"value"}
+    resumed = _run(copy.deepcopy(base), tmp_path, resume=str(ckpt))
+    for a, b in zip(_params(full.model), _params(resumed.model)):
+        np.testing.assert_array_equal(a, b)
+    steps = lambda t: {h["step"]: h["loss"] for h in t.state.log_history if "loss" in h}  # noqa: E731
+    assert steps(resumed) == steps(full)
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     base = RegressionMLP(nnx.Rngs(0))
     on_2x4 = _run(copy.deepcopy(base), tmp_path / "a", mesh={"data": 2, "fsdp": 4})

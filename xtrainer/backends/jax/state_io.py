@@ -43,12 +43,62 @@ def restore_state(state: dict, directory: str) -> dict:
     )
     checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = checkpointer.restore(path, target)
+        try:
+            restored = checkpointer.restore(path, target)
+        except Exception:
+            legacy = _variable_layout_target(checkpointer, path, target)
+            if legacy is None:
+                raise
+            restored = _from_variable_layout(checkpointer.restore(path, legacy), target)
     except Exception as exc:  # shape/structure mismatch or a damaged file: say what and where
         mismatch = _describe_mismatch(path, target)
         raise ValueError(f"Cannot restore the JAX train state from {path}: {mismatch or exc}") from exc
     finally:
         checkpointer.close()
+    return restored
+
+
+def _variable_layout_target(checkpointer, path: str, target):
+    """The target in the layout of checkpoints whose NNX state was saved as Variables, or None.
+
+    Before the train state held plain arrays, each NNX leaf (parameters, their optimizer moments,
+    RNG streams) was saved one level deeper, under "value". This mirrors the checkpoint's metadata.
+    """
+    try:
+        saved = checkpointer.metadata(path)
+        saved = getattr(saved, "item_metadata", saved)
+        saved = getattr(saved, "tree", saved)  # orbax's metadata keeps namedtuples as dicts, tuples as lists
+    except Exception:  # no readable metadata: nothing to mirror
+        return None
+    changed = []
+
+    def mirror(node, meta):
+        if hasattr(node, "_fields") and isinstance(meta, dict):  # an optax state (namedtuple)
+            return type(node)(*(mirror(getattr(node, f), meta[f]) if f in meta else getattr(node, f)
+                                for f in node._fields))
+        if isinstance(node, dict) and isinstance(meta, dict):
+            return {k: mirror(v, meta[k]) if k in meta else v for k, v in node.items()}
+        if isinstance(node, (list, tuple)) and isinstance(meta, (list, tuple)) and len(node) == len(meta):
+            return type(node)(mirror(v, m) for v, m in zip(node, meta))
+        if isinstance(node, jax.ShapeDtypeStruct) and isinstance(meta, dict) and set(meta) == {"value"}:
+            changed.append(True)
+            return {"value": node}
+        return node
+
+    legacy = mirror(target, saved)
+    return legacy if changed else None
+
+
+def _from_variable_layout(restored, target):
+    """Undoes _variable_layout_target: the restored state without the "value" levels."""
+    if isinstance(target, dict):
+        return {k: _from_variable_layout(restored[k], v) for k, v in target.items()}
+    if hasattr(target, "_fields"):
+        return type(target)(*(_from_variable_layout(getattr(restored, f), getattr(target, f)) for f in target._fields))
+    if isinstance(target, (list, tuple)):
+        return type(target)(_from_variable_layout(r, t) for r, t in zip(restored, target))
+    if isinstance(target, jax.ShapeDtypeStruct) and isinstance(restored, dict) and set(restored) == {"value"}:
+        return restored["value"]
     return restored
 
 
