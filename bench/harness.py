@@ -19,8 +19,9 @@ alternating (a, b, c, ... then again), median over repeats:
 
 Steady state: after W warm-up steps, two consecutive windows of S steps are timed (asynchronous
 backends drained at each boundary; the last window ends after a final host read of the loss) and
-the faster window is the run's figure (f, information only, runs in the first repeat only). Time to first step = from the call to
-train() (or the loop start) to the end of step 1 (for async backends: its dispatch, after compile).
+the faster window is the run's figure (f, information only, runs in the first repeat only). Time
+to first step = from the call to train() (or the loop start) to the end of step 1 (for async
+backends: its dispatch, after compile).
 Peak RSS is the child's ru_maxrss. MFU = model FLOP/s / this CPU's float32 matmul peak measured in
 the same run, with FLOPs/token = 6*N + 12*layers*hidden*seq (MaxText convention, N = all params).
 """
@@ -50,10 +51,10 @@ LR = 5e-5
 # other tenants of this shared machine only ever adds time, and a second window costs far less than
 # another process (imports, model build, compile).
 WINDOWS = 2
-ONCE = {"f"}
+ONCE = {"f"}  # information-only contenders: one run per config keeps the whole bench under 10 minutes
 # h is not a contender: it measures the front's overhead (d vs g) inside one process, on the configs
 # the issue sets that target for.
-IN_PROCESS_OVERHEAD_CONFIGS = {"tiny"}  # information-only contenders: one run per config keeps the whole bench under 10 minutes
+IN_PROCESS_OVERHEAD_CONFIGS = {"tiny"}
 SEED = 0
 
 CONTENDERS = {
@@ -207,7 +208,6 @@ def run_bare_jit(cfg):
     import numpy as np
 
     import xtrainer
-    from xtrainer.data import count_label_items
     from xtrainer.models import load_hf_llama
 
     total = total_steps(cfg)
@@ -218,20 +218,13 @@ def run_bare_jit(cfg):
                                       report_to=[], disable_tqdm=True, train_sampling_strategy="sequential", seed=SEED)
     trainer = xtrainer.Trainer(model=model, args=args, train_dataset=rows(cfg))
     backend = trainer.backend
-    _, shifts = backend.counts_label_items()
-    data = rows(cfg)
-    b = cfg["batch"]
-    host = [{k: np.asarray([r[k] for r in data[i:i + b]], dtype=np.int64) for k in ("input_ids", "labels")}
-            for i in range(0, len(data), b)]
-    windows = [backend.shard_window([batch]) for batch in host]
-    items = [backend._replicate(np.float32(count_label_items([batch], shifts))) for batch in host]
-    jax.block_until_ready([w[0] for w in windows])
+    inputs = placed_step_inputs(backend, rows(cfg), cfg["batch"])
+    jax.block_until_ready([window[0] for window, _ in inputs])
     marks = {"bounds": []}
     t0 = time.perf_counter()
     state = backend.init_state(total)
-    arrays, mask, _ = windows[0]
-    compiled = backend._compile_train_step(state, arrays, mask, items[0], True)  # as backend.train_step does
-    for step, ((arrays, mask, _), num_items) in enumerate(zip(windows, items), 1):
+    compiled = compile_bare_step(backend, state, inputs)
+    for step, ((arrays, mask, _), num_items) in enumerate(inputs, 1):
         state, metrics = compiled(state, arrays, mask, num_items)
         if step == 1:
             jax.block_until_ready(metrics["loss"])
@@ -242,6 +235,25 @@ def run_bare_jit(cfg):
     last = float(np.asarray(jax.device_get(metrics["loss"])).mean())  # final host read
     marks["end"] = time.perf_counter()
     return t0, marks, last
+
+
+def placed_step_inputs(backend, data, batch):
+    """Each step's (window, label-token count), placed on the device ahead of time the way the JAX
+    backend's train_step places them: the inputs of a bare loop over its compiled step."""
+    import numpy as np
+
+    from xtrainer.data import count_label_items
+
+    _, shifts = backend.counts_label_items()
+    host = [{k: np.asarray([r[k] for r in data[i:i + batch]], dtype=np.int64) for k in ("input_ids", "labels")}
+            for i in range(0, len(data), batch)]
+    return [(backend.shard_window([b]), backend._replicate(np.float32(count_label_items([b], shifts)))) for b in host]
+
+
+def compile_bare_step(backend, state, inputs):
+    """The JAX backend's compiled train step for these inputs, as backend.train_step compiles it."""
+    (arrays, mask, _), num_items = inputs[0]
+    return backend._compile_train_step(state, arrays, mask, num_items, True)
 
 
 def steady_seconds(marks):

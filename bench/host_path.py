@@ -92,7 +92,7 @@ def front_loop_costs(steps: int) -> dict[str, float]:
     import tempfile
 
     import xtrainer
-    from xtrainer.data import count_label_items
+    from harness import compile_bare_step, placed_step_inputs  # bench/ is this script's directory
     from xtrainer.model_wrappers import FunctionalModel
 
     def init(rng):
@@ -129,14 +129,10 @@ def front_loop_costs(steps: int) -> dict[str, float]:
     loop_us = (time.perf_counter() - marks["start"]) / (steps - warmup) * 1e6
 
     backend = trainer().backend
-    _, shifts = backend.counts_label_items()
-    host = [{k: np.asarray([r[k] for r in rows[i:i + 8]]) for k in ("input_ids", "labels")}
-            for i in range(0, len(rows), 8)]
-    windows = [backend.shard_window([batch]) for batch in host]  # placed before the clock starts
-    items = [backend._replicate(np.float32(count_label_items([batch], shifts)), reuse=True) for batch in host]
+    inputs = placed_step_inputs(backend, rows, 8)  # placed before the clock starts
     state = backend.init_state(steps)
-    compiled = backend._compile_train_step(state, windows[0][0], windows[0][1], items[0], True)
-    for i, ((arrays, mask, _), num_items) in enumerate(zip(windows, items)):
+    compiled = compile_bare_step(backend, state, inputs)
+    for i, ((arrays, mask, _), num_items) in enumerate(inputs):
         if i == warmup:
             jax.block_until_ready(state)
             start = time.perf_counter()
