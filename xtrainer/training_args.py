@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from .args_checks import BACKENDS, LOG_LEVELS, validate
 from .sharding import MESH_AXES
@@ -247,6 +247,65 @@ class TrainingArguments:
     fsdp_config: dict | str | None = field(default=None, metadata=_help("FSDP options: a dict or JSON file path."))
     skip_memory_metrics: bool = field(default=True, metadata=_help("Skip memory profiling metrics."))
 
+    # --- Memory, kernels and model options ---
+    optim_target_modules: None | str | list[str] = field(
+        default=None, metadata=_help("Modules the optimizer targets (GaLore, APOLLO): names or regexes.")
+    )
+    use_liger_kernel: bool = field(default=False, metadata=_help("Patch the model with Liger kernels (torch, CUDA)."))
+    liger_kernel_config: dict | None = field(default=None, metadata=_help("Options passed to the Liger kernel patch."))
+    use_cache: bool = field(default=False, metadata=_help("Keep the model's KV cache on during training."))
+    neftune_noise_alpha: float | None = field(
+        default=None, metadata=_help("NEFTune: add uniform noise of this scale to the input embeddings in training.")
+    )
+    torch_empty_cache_steps: int | None = field(
+        default=None, metadata=_help("Empty the accelerator's memory cache every N steps (torch); None never does.")
+    )
+    auto_find_batch_size: bool = field(
+        default=False, metadata=_help("Halve the training batch size on an out-of-memory error until a step fits.")
+    )
+    enable_jit_checkpoint: bool = field(
+        default=False, metadata=_help("On SIGTERM, finish the step, save a checkpoint and exit (preemption).")
+    )
+    debug: str | list[str] = field(
+        default="", metadata=_help("Debug features: 'underflow_overflow', 'tpu_metrics_debug'.")
+    )
+
+    # --- Hub ---
+    push_to_hub: bool = field(default=False, metadata=_help("Push the model to the Hub every time it is saved."))
+    hub_token: str | None = field(default=None, metadata=_help("Token for pushing to the Hub."))
+    hub_private_repo: bool | None = field(default=None, metadata=_help("Make the Hub repository private."))
+    hub_model_id: str | None = field(default=None, metadata=_help("Hub repository kept in sync with output_dir."))
+    hub_strategy: str = field(
+        default="every_save",
+        metadata=_help("What to push and when: 'end', 'every_save', 'checkpoint', 'all_checkpoints'."),
+    )
+    hub_always_push: bool = field(default=False, metadata=_help("Push even while a previous push is unfinished."))
+    hub_revision: str | None = field(default=None, metadata=_help("Branch, tag or commit to push to."))
+    project: str = field(default="huggingface", metadata=_help("Project name for the logging integrations (Trackio)."))
+    trackio_space_id: str | None = field(default=None, metadata=_help("Hugging Face Space id for Trackio logging."))
+    trackio_bucket_id: str | None = field(default=None, metadata=_help("Bucket id for Trackio logging."))
+    trackio_static_space_id: Union[str, None, Literal[False]] = field(
+        default=None, metadata=_help("Static read-only Trackio Space, or False for none.")
+    )
+
+    # --- Distributed and launcher integrations ---
+    eval_use_gather_object: bool = field(
+        default=False, metadata=_help("Gather arbitrary Python objects from all devices in evaluation.")
+    )
+    accelerator_config: dict | str | None = field(default=None, metadata=_help("Accelerate options (dict or JSON file)."))
+    parallelism_config: Any = field(default=None, metadata=_help("Accelerate ParallelismConfig (context/tensor parallel)."))
+    dataloader_multiprocessing_context: str | None = field(
+        default=None,
+        metadata=_help("Start method of data loading workers.", choices=["fork", "spawn", "forkserver"]),
+    )
+    dataloader_in_order: bool = field(
+        default=True, metadata=_help("Yield worker batches in dispatch order (False: as soon as ready).")
+    )
+    ddp_bucket_cap_mb: int | None = field(default=None, metadata=_help("DDP bucket_cap_mb."))
+    ddp_broadcast_buffers: bool | None = field(default=None, metadata=_help("DDP broadcast_buffers."))
+    ddp_static_graph: bool | None = field(default=None, metadata=_help("DDP static_graph."))
+    deepspeed: dict | str | None = field(default=None, metadata=_help("DeepSpeed config (dict or JSON file)."))
+
     # --- xtrainer ---
     backend: str = field(default="auto", metadata=_help("Training backend.", choices=list(BACKENDS)))
     mesh: dict | str | None = field(
@@ -296,6 +355,8 @@ class TrainingArguments:
 
         if self.disable_tqdm is None:
             self.disable_tqdm = logger.getEffectiveLevel() > logging.WARNING
+        if isinstance(self.debug, str):
+            self.debug = self.debug.split()
         if isinstance(self.include_num_input_tokens_seen, bool):
             self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
         if isinstance(self.fsdp, str) and self.fsdp.lower() in ("true", "false", ""):
@@ -516,7 +577,7 @@ class TrainingArguments:
                 value = [v.value for v in value]
             elif isinstance(value, os.PathLike):
                 value = os.fspath(value)
-            if f.name.endswith("_token") and value is not None:
+            if f.name.endswith("_token"):  # masked whether set or not, as transformers writes it
                 value = f"<{f.name.upper()}>"
             out[f.name] = value
         return out
