@@ -81,14 +81,20 @@ def _dedupe_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def save_model_weights(model: nn.Module, directory: str, info) -> None:
+def gather_model_state(model: nn.Module, info) -> dict[str, torch.Tensor] | None:
+    """The full weights to write, gathered to rank 0 under FSDP (collective: every process calls it);
+    None when the model's own state_dict() is complete (no sharding)."""
+    return _full_state_dict(model, info) if info.sharded else None
+
+
+def write_model_weights(model: nn.Module, directory: str, state_dict: dict | None = None) -> None:
     """Writes the model as its library loads it: save_pretrained for HF models, else model.safetensors.
 
-    Rank 0 writes full weights; under FSDP every process must call it (the weights are gathered).
+    Args:
+        state_dict: full weights (from gather_model_state); None writes model.state_dict().
     """
-    state_dict = _full_state_dict(model, info)
-    if not info.is_main:
-        return
+    if state_dict is None:
+        state_dict = model.state_dict()
     os.makedirs(directory, exist_ok=True)
     if hasattr(model, "save_pretrained"):
         model.save_pretrained(directory, state_dict=state_dict)
@@ -96,6 +102,13 @@ def save_model_weights(model: nn.Module, directory: str, info) -> None:
     from safetensors.torch import save_file
 
     save_file(_dedupe_shared(state_dict), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_model_weights(model: nn.Module, directory: str, info) -> None:
+    """Gathers (under FSDP every process must call it) and writes the full weights on rank 0."""
+    state_dict = gather_model_state(model, info)
+    if info.is_main:
+        write_model_weights(model, directory, state_dict)
 
 
 class UnsafeCheckpointError(ValueError):
