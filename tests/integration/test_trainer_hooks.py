@@ -409,3 +409,37 @@ def test_get_batch_samples_override(tmp_path):
     # Every window comes from the override; the loop places the next window while a step runs, so the window
     # after the last step may be asked for too (it is not trained on).
     assert CountingBatches.asked[:3] == [2, 2, 2] and len(CountingBatches.asked) <= 4
+
+
+class ManualCausalLoss(xtrainer.Trainer):
+    """An ordinary transformers-style override: pop the labels, call the model, cross entropy in torch."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs.logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("kind", ["torchax"])
+def test_torch_style_compute_loss_runs_unchanged_on_torchax(tmp_path, kind):
+    """The same torch override trains a GPT-2 on jax (traced through torchax) as on the torch backend."""
+    _needs(kind)
+    from helpers import lm_data, tiny_gpt2
+
+    histories = {}
+    for name, backend in (("torchax", "jax"), ("torch", "torch")):
+        args = xtrainer.TrainingArguments(
+            str(tmp_path / name), backend=backend, per_device_train_batch_size=1 if backend == "jax" else 8,
+            per_device_eval_batch_size=1 if backend == "jax" else 8, max_steps=4, logging_steps=1, learning_rate=1e-2,
+            save_strategy="no", report_to="none", disable_tqdm=True, train_sampling_strategy="sequential", seed=0)
+        data = lm_data(32)
+        trainer = ManualCausalLoss(model=tiny_gpt2(), args=args, train_dataset=data, eval_dataset=data[:8])
+        trainer.train()
+        histories[name] = ([log["loss"] for log in trainer.state.log_history if "loss" in log],
+                           trainer.evaluate()["eval_loss"])
+    np.testing.assert_allclose(histories["torchax"][0], histories["torch"][0], rtol=1e-4)
+    assert histories["torchax"][1] == pytest.approx(histories["torch"][1], rel=1e-4)
