@@ -347,7 +347,7 @@ class Trainer:
             self.state = TrainerState.load_from_json(os.path.join(resume_dir, ckpt.TRAINER_STATE_NAME))
             if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
                 self.state.best_model_checkpoint = None
-            self.control = restore_callback_states(self.state, self.callback_handler, self.control)
+            self._load_callback_state()
             self._resume_backend_state(resume_dir)
             epochs_done = self.state.global_step // updates_per_epoch
             if not args.ignore_data_skip:
@@ -402,6 +402,21 @@ class Trainer:
             return
         self._load_from_checkpoint(resume_dir)
         self._backend_state = backend.restore(self._backend_state, resume_dir, include_model=False)
+
+    def _load_callback_state(self) -> None:
+        """Restores the stateful callbacks (and the control) saved in the checkpoint's trainer state, when
+        args.restore_callback_states_from_checkpoint is set (transformers' default: they start afresh)."""
+        if not self.args.restore_callback_states_from_checkpoint:
+            return
+        self.control = restore_callback_states(self.state, self.callback_handler, self.control)
+
+    def _get_output_dir(self, trial=None) -> str:
+        """Where checkpoints go: output_dir, or its `run-<trial number>` folder during a hyperparameter search."""
+        if trial is None or not self.hp_search_backend:
+            return self.args.output_dir
+        number = getattr(trial, "number", None)
+        run_name = self.hp_name(trial) if self.hp_name is not None else f"run-{number}"
+        return os.path.join(self.args.output_dir, run_name)
 
     def _sync_handler_refs(self, loader) -> None:
         handler = self.callback_handler
