@@ -142,6 +142,7 @@ class JaxBackend:
         self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
         self._host_step = 0
         self._plateau = None
+        self.lr_schedule = None  # the run's schedule, set by init_state
         return model
 
     def model_input_names(self) -> list[str] | None:
@@ -264,9 +265,13 @@ class JaxBackend:
         return state
 
     def _learning_rate_at(self, step: int) -> float:
-        """The learning rate of `step` on the host (what the logs report)."""
+        """The learning rate of `step` on the host (what the logs report); args.learning_rate before a run
+        has its schedule (as a torch optimizer's groups hold their initial rate)."""
+        schedule = getattr(self, "lr_schedule", None)
+        if schedule is None:
+            return float(self.args.learning_rate)
         scale = self._plateau.multiplier if self._plateau is not None else 1.0
-        return float(self.lr_schedule(step)) * float(scale)
+        return float(schedule(step)) * float(scale)
 
     def learning_rates(self, optimizer) -> list[float]:
         return [self._learning_rate_at(self._host_step)]
