@@ -178,7 +178,8 @@ class Trainer:
         self.is_fsdp_xla_enabled = self.is_fsdp_xla_v1_enabled = self.is_fsdp_xla_v2_enabled = False
         self.is_model_parallel = False
         self.is_distributed_loading_by_transformers = False
-        self.place_model_on_device = bool(getattr(self.args, "place_model_on_device", True))
+        placement = getattr(self.args, "place_model_on_device", None)  # transformers' args hook: None = decide here
+        self.place_model_on_device = True if placement is None else bool(placement)
         self.hp_search_backend = None
         self.hp_name = None
         self.neftune_noise_alpha = getattr(self.args, "neftune_noise_alpha", None)

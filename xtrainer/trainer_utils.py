@@ -76,6 +76,33 @@ class TrainSamplingStrategy(ExplicitEnum):
     GROUP_BY_LENGTH = "group_by_length"
 
 
+class HubStrategy(ExplicitEnum):
+    """What `push_to_hub` uploads and when (transformers' values)."""
+
+    END = "end"
+    EVERY_SAVE = "every_save"
+    CHECKPOINT = "checkpoint"
+    ALL_CHECKPOINTS = "all_checkpoints"
+
+
+class DebugOption(ExplicitEnum):
+    """transformers' `debug` options."""
+
+    UNDERFLOW_OVERFLOW = "underflow_overflow"
+    TPU_METRICS_DEBUG = "tpu_metrics_debug"
+
+
+class ParallelMode(enum.Enum):
+    """How this process's work is parallelised (transformers' `TrainingArguments.parallel_mode` values)."""
+
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+    SAGEMAKER_MODEL_PARALLEL = "sagemaker_model_parallel"
+    SAGEMAKER_DATA_PARALLEL = "sagemaker_data_parallel"
+    TPU = "tpu"
+
+
 class EvalPrediction:
     """Predictions, label ids and (optionally) inputs of an evaluation, as handed to `compute_metrics`.
 
