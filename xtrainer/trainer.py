@@ -25,6 +25,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
+from .args_support import report_unsupported
 from . import data, preemption
 from .backends import get_backend, resolve_backend_name
 from .backends.base import EvalOutput
@@ -98,6 +99,9 @@ class Trainer:
         if deprecated:
             raise TypeError(f"Trainer got unexpected keyword arguments: {sorted(deprecated)}")
         self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
+        # log_level on the main process, log_level_replica elsewhere, for xtrainer's loggers (as transformers
+        # sets its own library's verbosity).
+        logging.getLogger("xtrainer").setLevel(self.args.get_process_log_level())
         set_seed(self.args.seed, deterministic=self.args.full_determinism)
         self.model_init = model_init
         if model is None:
@@ -122,8 +126,11 @@ class Trainer:
         # The user's overrides reach the backend through this object; a backend that cannot honour
         # one refuses it here, in prepare, instead of training without it.
         self.hooks = TrainerHooks(self)
+        # Fields the chosen backend cannot honour: an error, or one warning each (args_support.py).
+        report_unsupported(self.args, self.backend.name)
         self.model = self.backend.prepare(model, self.args, hooks=self.hooks)
         self.model_wrapped = self.model
+        _apply_use_cache(self.model, self.args.use_cache)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.processing_class = processing_class
         self.data_collator = data_collator or _default_collator(processing_class)
@@ -138,8 +145,10 @@ class Trainer:
         # Same order as transformers: flow control, report_to integrations, the user's callbacks, then progress.
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
         reporters = reporting_callbacks(self.args.report_to, self.is_world_process_zero())
+        backend_callbacks = getattr(self.backend, "extra_callbacks", list)()  # e.g. torch_xla's metrics report
         self.callback_handler = CallbackHandler(
-            [DefaultFlowCallback, *reporters, *(callbacks or []), progress], self.model, processing_class, *optimizers
+            [DefaultFlowCallback, *reporters, *backend_callbacks, *(callbacks or []), progress], self.model,
+            processing_class, *optimizers,
         )
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
@@ -283,8 +292,10 @@ class Trainer:
             self.optimizer, self.lr_scheduler = None, None
             self.callback_handler.model = self.model
         self.is_in_train = True
+        # enable_jit_checkpoint: on SIGTERM finish the step, save it and exit 143 (transformers' JIT checkpoint).
+        watch = preemption.watch_sigterm(self.backend) if args.enable_jit_checkpoint else contextlib.nullcontext()
         try:
-            with preemption.watch_sigterm(self.backend) as self._preemption:  # SIGTERM: save, then exit 143
+            with watch as self._preemption:
                 return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
             self.is_in_train, self._preemption = False, None
@@ -795,6 +806,13 @@ class Trainer:
         from .evaluation import run_evaluation
 
         return run_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+
+def _apply_use_cache(model, use_cache: bool) -> None:
+    """args.use_cache onto the model's config, as transformers' Trainer does (off for training by default)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = use_cache
 
 
 def _loader_has_length(loader) -> bool:

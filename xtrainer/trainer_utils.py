@@ -161,7 +161,13 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     if deterministic:
+        # full_determinism, as transformers does it: deterministic kernels, and the cuBLAS workspace setting
+        # CUDA needs for them (set before the first cuBLAS call; harmless on CPU).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")
         torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def checkpoint_step(path: str) -> int | None:

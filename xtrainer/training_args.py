@@ -548,6 +548,12 @@ class TrainingArguments(TrainingArgumentsSetters):
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         validate(self)
+        if self.deepspeed or self.use_liger_kernel:  # fields no backend runs: refuse them now, not at train()
+            from .args_support import refused_everywhere
+
+            problems = refused_everywhere(self)
+            if problems:
+                raise ValueError("\n".join(problems))
 
     # ------------------------------------------------------------------ this process (see process_layout.py)
     @property

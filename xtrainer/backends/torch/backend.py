@@ -144,6 +144,8 @@ class TorchBackend:
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
             raise ValueError("fp16=True needs torch.amp.GradScaler; use bf16=True on CPU.")
         self.model = model.to(self.device)
+        apply_tf32(args.tf32, self.device)
+        watch_underflow_overflow(model, args)
         if args.activation_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError(
@@ -517,6 +519,29 @@ class TorchBackend:
         # This process's SIGTERM flag: schedulers signal every rank, and a collective here would
         # cost a host round trip per step.
         return local_flag
+
+
+def apply_tf32(tf32: bool | None, device: torch.device) -> None:
+    """args.tf32 as transformers applies it: None leaves torch's setting; True/False switches TF32 matmuls and
+    cuDNN convolutions, and True without a CUDA device that has them is an error."""
+    if tf32 is None:
+        return
+    if tf32 and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8):
+        raise ValueError(
+            f"tf32=True needs an Ampere or newer CUDA GPU; this run's device is {device}. Leave tf32 unset (None) or "
+            "set it to False."
+        )
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
+def watch_underflow_overflow(model: nn.Module, args) -> None:
+    """debug="underflow_overflow": transformers' detector hooks every module and reports the first inf/nan."""
+    if "underflow_overflow" not in [getattr(d, "value", d) for d in getattr(args, "debug", []) or []]:
+        return
+    from transformers.debug_utils import DebugUnderflowOverflow
+
+    DebugUnderflowOverflow(model)
 
 
 def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: bool = False) -> torch.Tensor:

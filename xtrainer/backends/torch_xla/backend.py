@@ -45,6 +45,7 @@ import torch_xla.core.xla_model as xm
 import torch_xla.runtime as xr
 from torch import nn
 
+from ...callbacks import TrainerCallback
 from ...sharding import MeshConfig, parse_sharding_rules
 from ..base import EvalOutput, StepMetrics
 from ..torch import distributed, state_io
@@ -55,6 +56,7 @@ from ..torch.backend import (
     _current_lr,
     _is_causal_lm_class,
     _loss_shifts_labels,
+    watch_underflow_overflow,
 )
 from ..torch.nan_guard import make_nan_guard
 from . import spmd
@@ -198,6 +200,16 @@ def _cut(tree, padding: Padded):
     return _map(tree, cut)
 
 
+class XlaMetricsReport(TrainerCallback):
+    """Prints torch_xla's metrics report (compilations, transfers, execution times) after each evaluation."""
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        import torch_xla.debug.metrics as met
+
+        if state.is_world_process_zero:
+            print(met.metrics_report(), flush=True)
+
+
 class TorchXlaBackend(TorchBackend):
     """Trains PyTorch modules with torch_xla SPMD (see the module docstring)."""
 
@@ -244,6 +256,7 @@ class TorchXlaBackend(TorchBackend):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
         self.host_model = model
         self.model, self.param_specs = spmd.place_model(model, self.placement)
+        watch_underflow_overflow(self.model, args)
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
@@ -435,6 +448,11 @@ class TorchXlaBackend(TorchBackend):
 
     def backward(self, loss: torch.Tensor) -> None:
         _backward(loss)
+
+    def extra_callbacks(self) -> list:
+        """debug="tpu_metrics_debug": torch_xla's metrics report after every evaluation, as transformers prints it."""
+        debug = [getattr(d, "value", d) for d in getattr(self.args, "debug", []) or []]
+        return [XlaMetricsReport()] if "tpu_metrics_debug" in debug else []
 
     def eval_model(self, state) -> nn.Module:
         return self.model
