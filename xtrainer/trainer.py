@@ -23,7 +23,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
-from . import data, preemption
+from . import checkpoint_writer, data, preemption
 from .backends import get_backend, resolve_backend_name
 from .callbacks import (
     CallbackHandler,
@@ -233,7 +233,8 @@ class Trainer:
             self.callback_handler.model = self.model
         self.is_in_train = True
         try:
-            with preemption.watch_sigterm(self.backend) as self._preemption:  # SIGTERM: save, then exit 143
+            # SIGTERM: save, then exit 143; a dead peer process: a clear error (preemption.py)
+            with preemption.guard_train(self) as self._preemption:
                 return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
             self.is_in_train, self._preemption = False, None
@@ -301,6 +302,7 @@ class Trainer:
             self._run_epoch(loader, epoch, start, batches_per_epoch, updates_per_epoch, trial, ignore_keys_for_eval, start_time)
             if self.control.should_training_stop:
                 break
+        preemption.at_loop_end(self)  # a SIGTERM in the last step; an asynchronous save still in flight
         return self._finish_training(initial_step, max_steps, loader, start_time, trial)
 
     def _sync_handler_refs(self, loader) -> None:
@@ -457,22 +459,25 @@ class Trainer:
         return False
 
     def _save_checkpoint(self) -> None:
-        args, backend = self.args, self.backend
+        args = self.args
         run_dir = args.output_dir
         step = self._last_saved_step = self.state.global_step
-        main = self.is_world_process_zero()
-        with ckpt.atomic_checkpoint(run_dir, step, is_main=main, barrier=backend.barrier) as tmp:
-            backend.save(self._backend_state, tmp, save_only_model=args.save_only_model)
-            if self.state.best_global_step:
-                best = os.path.join(run_dir, ckpt.checkpoint_dir_name(self.state.best_global_step))
-                if self.state.best_global_step == step or os.path.isdir(best):
-                    self.state.best_model_checkpoint = best
-            if main:
-                self.state.update_stateful_callbacks(self.callback_handler.callbacks + [self.control])
-                self.state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
-                ckpt.save_training_args(args, tmp)
-        if main:
-            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, ckpt.checkpoint_dir_name(self.state.best_global_step))
+            if self.state.best_global_step == step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+
+        def write_front_files(tmp: str) -> None:  # process 0, into the unpublished directory
+            self.state.update_stateful_callbacks(self.callback_handler.callbacks + [self.control])
+            self.state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
+            ckpt.save_training_args(args, tmp)
+
+        best_now = self.state.best_model_checkpoint
+        # Every process's part, the agreement on the outcome, atomic publication (checkpoint_writer.py).
+        checkpoint_writer.writer_for(self).save(
+            step, self._backend_state, save_only_model=args.save_only_model, write_front_files=write_front_files,
+            after_publish=lambda: ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now),
+        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Writes the model where its own library loads it from (e.g. from_pretrained), plus training_args.bin."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
-from . import distributed, state_io
+from . import coordination, distributed, save_snapshot, state_io
 from .nan_guard import make_nan_guard
 from .optim import build_optimizer
 
@@ -127,6 +127,8 @@ class TorchBackend:
         self.process_index = 0
         self.local_batch_devices = 1
         self.device = torch.device("cpu")
+        self._host_groups = None
+        self._agreement = None
 
     # ------------------------------------------------------------------ setup
 
@@ -137,6 +139,8 @@ class TorchBackend:
         self.compute_loss_func = compute_loss_func
         self.dist = distributed.init_from_env(args)
         self.num_processes, self.process_index = self.dist.world_size, self.dist.rank
+        if self.num_processes > 1 and self._host_groups is None:  # preemption and save agreement (coordination.py)
+            self._host_groups = coordination.HostGroups(getattr(args, "ddp_timeout", None) or 1800)
         self.device = self._pick_device(args)
         self.amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
@@ -184,6 +188,7 @@ class TorchBackend:
         if args.fp16:
             scaler = torch.amp.GradScaler(self.device.type)
         guard = make_nan_guard(args, self.device, loss_scaling=scaler is not None)
+        self._agreement = coordination.PreemptionAgreement(self._host_groups.preemption) if self._host_groups else None
         return TorchState(model=runner, optimizer=optimizer, scheduler=scheduler, scaler=scaler, nan_guard=guard)
 
     # ------------------------------------------------------------------ steps
@@ -253,10 +258,14 @@ class TorchBackend:
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
+        # HF logs the mean over processes of each process's loss (its gathered tr_loss). Computed
+        # before the NaN guard, which reads it: one process's NaN loss is then every process's, and
+        # all of them skip (or stop) together; the gradient norm is already the same everywhere.
+        loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
         guard = state.nan_guard
         guarded = contextlib.nullcontext()
         if guard is not None:  # nan_policy skip/raise: the update is selected on device (nan_guard.py)
-            guarded = guard.guarded_step(optimizer, guard.update(losses, grad_norm), state.scaler)
+            guarded = guard.guarded_step(optimizer, guard.update(list(loss), grad_norm), state.scaler)
         if state.scaler is not None:
             scale_before = state.scaler.get_scale()
             with guarded:
@@ -272,8 +281,6 @@ class TorchBackend:
         if not skipped:
             state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # HF logs the mean over processes of each process's loss (its gathered tr_loss).
-        loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
         nonfinite = guard.report() if guard else None
         return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, nonfinite=nonfinite)
 
@@ -350,9 +357,26 @@ class TorchBackend:
     # ------------------------------------------------------------------ state I/O
 
     def save(self, state: TorchState, directory: str, *, save_only_model: bool = False) -> None:
-        state_io.save_model_weights(self.model, directory, self.dist)
-        if not save_only_model:
-            state_io.save_training_state(state, directory, self.dist)
+        self.save_async(state, directory, save_only_model=save_only_model, background=False)()
+
+    def save_async(self, state: TorchState, directory: str, *, save_only_model: bool = False,
+                   outcome_tag: str | None = None, background: bool = True):
+        """Captures the checkpoint now; returns the function that writes its files.
+
+        background=True: every tensor is copied to host memory first, so the returned function may
+        run in another thread while training goes on (save_snapshot.py); False: it runs right away.
+        """
+        group = self._host_groups.checkpoint if self._host_groups else None
+        snapshot = save_snapshot.capture(self.model, state, self.dist, save_only_model=save_only_model,
+                                         copy=background, group=group)
+        save_snapshot.start(snapshot, directory)
+        return lambda: save_snapshot.write(snapshot, directory)
+
+    def exchange(self, tag: str, value) -> list:
+        """Every process's `value` (small, picklable), in rank order; may run in a background thread."""
+        if self._host_groups is None:
+            return [value]
+        return coordination.exchange(value, self._host_groups.checkpoint, self.num_processes)
 
     def restore(self, state: TorchState, directory: str) -> TorchState:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
@@ -373,10 +397,12 @@ class TorchBackend:
     def barrier(self) -> None:
         distributed.barrier(self.dist)
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
-        # This process's SIGTERM flag: schedulers signal every rank, and a collective here would
-        # cost a host round trip per step.
-        return local_flag
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
+        # Several processes: they agree through a non-blocking all-reduce of the flag on a gloo
+        # group of its own, read one step later (coordination.PreemptionAgreement).
+        if self._agreement is None:
+            return local_flag
+        return self._agreement.at_end() if final else self._agreement.at_step(local_flag)
 
 
 def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: bool = False) -> torch.Tensor:

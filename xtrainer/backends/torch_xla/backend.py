@@ -512,7 +512,7 @@ class TorchXlaBackend(TorchBackend):
     def barrier(self) -> None:
         return None
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         return local_flag  # one process (multi-process runs are refused in prepare)
 
     # ------------------------------------------------------------------ weights and state I/O
