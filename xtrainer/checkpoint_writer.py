@@ -126,7 +126,9 @@ class CheckpointWriter:
         finish, failure, cause = None, None, None
         try:
             save_async = getattr(self.backend, "save_async", None)
-            if callable(save_async):
+            # save_async for a save that finishes later, and for the processes of a multi-process run,
+            # whose writes then watch each other's outcome (outcome_tag); `save` otherwise.
+            if callable(save_async) and (self.asynchronous or self.backend.num_processes > 1):
                 finish = save_async(state, tmp, save_only_model=save_only_model, outcome_tag=f"{tag}/written",
                                     background=self.asynchronous)
             else:

@@ -145,7 +145,7 @@ def _install_hooks(trainer, run_dir: str, rank: int, options: dict) -> None:
         time.sleep(600)
         raise RuntimeError("fleet_worker: the test did not kill the paused process")
 
-    def save_async(state, directory, **kw):
+    def save_async(state, directory, **kw):  # every save: the backends' `save` calls it too
         if at(directory, fail) and trainer.backend.name == "jax":
             _fail_jax_write(fail, directory)
         finish = real_save_async(state, directory, **kw)

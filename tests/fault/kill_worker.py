@@ -130,16 +130,19 @@ def _install_pause_hook(trainer, trial_dir: str, step: int, phase: str) -> None:
         time.sleep(600)  # the test kills us here
         raise RuntimeError("kill_worker: the test did not kill the paused job")
 
+    def at_step(directory) -> bool:
+        return os.path.basename(os.path.normpath(directory)).endswith(f"-{step}")
+
     real_save_async = trainer.backend.save_async
 
     def save_async(state, directory, **kw):
-        # The Trainer starts every save here; the returned function writes the files (in the step
-        # loop, or in the background thread of an asynchronous save, which is where it pauses then).
-        at_step = os.path.basename(os.path.normpath(directory)).endswith(f"-{step}")
-        if at_step and phase == "empty":
+        # Every save of the torch and jax backends starts here (their `save` calls it and runs the
+        # returned function at once); an asynchronous save runs that function in the background
+        # thread, which is where "backend" pauses then, while the step loop goes on.
+        if at_step(directory) and phase == "empty":
             pause()
         finish = real_save_async(state, directory, **kw)
-        if not (at_step and phase == "backend"):
+        if not (at_step(directory) and phase == "backend"):
             return finish
 
         def finish_then_pause():
