@@ -20,7 +20,8 @@ run's (bitwise on jax, within 1e-6 on torch) and log_history must hold every ste
 Figures (printed, and written to $XTRAINER_FAULT_REPORT/chaos_<backend>_<n>proc.json when set): the
 total wasted steps (steps finished before a kill that the next run computes again) against the
 theoretical minimum for the save interval (a kill after step k loses k mod save_steps steps when
-saves are instantaneous; a SIGTERM loses none).
+saves are instantaneous; a SIGTERM loses none). A SIGKILL during the save of step k (k a multiple of
+save_steps) loses save_steps steps where the minimum is 0: that is the difference between them.
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ def _kill_cycle(fl: fleet.Fleet, root: str, plan: dict, resume_point: int, optio
     sent = alive and run.signal(victim, signal.SIGTERM if plan["signal"] == "SIGTERM" else signal.SIGKILL)
     at_kill = fleet.listing(out_dir)
     at_kill["partial"] = [n for n in at_kill["partial"] if _newer(os.path.join(out_dir, n), started)]
-    outcome["steps_done"] = run.steps_done()
+    outcome["steps_at_signal"] = run.steps_done()
     codes = run.wait(timeout=90)
+    outcome["steps_done"] = run.steps_done()  # after a SIGTERM the ranks finish the agreed step first
     outcome.update(codes=codes, complete_after=fleet.listing(out_dir)["complete"], partial_at_kill=at_kill["partial"])
     if not sent:  # the run ended before the signal (near the end of the job): nothing was killed
         outcome["finished_before_signal"] = True
@@ -191,7 +193,7 @@ def run_chaos(backend: str, world: int, tmp_path, seed: int) -> dict:
     finally:
         fl.close()
     killed = [o for o in outcomes if not o.get("finished_before_signal")]
-    wasted = sum(o["steps_done"] - o["next_resume"] for o in killed)
+    wasted = sum(max(o["steps_done"] - o["next_resume"], 0) for o in killed)
     minimum = sum(0 if o["signal"] == "SIGTERM" else o["steps_done"] % SAVE_STEPS for o in killed)
     summary = {
         "backend": backend, "processes": world, "cycles": len(outcomes), "kills": len(killed),
