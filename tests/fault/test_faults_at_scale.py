@@ -12,6 +12,7 @@
   the earlier checkpoints still verify.
 - nan_policy under DDP and FSDP: one rank's NaN loss skips the step on every rank ("skip") or stops
   every rank with the same error ("raise").
+- an asynchronous save under FSDP (optimizer shards through dcp.async_save) resumes exactly.
 
 The 1-process versions of these promises are in the default suite (test_sigterm.py,
 test_kill_resume.py, test_chaos.py, test_checkpoint_agreement.py, test_nan_policy.py).
@@ -230,3 +231,29 @@ def test_nan_policy_is_one_decision_for_every_rank(fleets, strategy, tmp_path):
     assert codes == [1, 1], raised.logs_tail()
     results = raised.results()
     assert {(res["exit"], res["step"], res["metric"]) for res in results.values()} == {("nonfinite", 3, "loss")}
+
+
+# ---------------------------------------------------------------- 6. asynchronous saves under FSDP
+
+
+@pytest.mark.timeout(300)
+def test_an_async_fsdp_checkpoint_resumes_exactly(fleets, tmp_path):
+    """FSDP's optimizer shards go through torch.distributed.checkpoint.async_save: the checkpoint an
+    asynchronous save published mid-run resumes to the uninterrupted run's end."""
+    fl, _, _ = fleets("torch")
+    reference = fl.start(str(tmp_path / "reference"), fsdp=True)
+    assert reference.wait(timeout=120) == [0, 0], reference.logs_tail()
+    run = fl.start(str(tmp_path / "run"), fsdp=True, async_save=True)
+    assert run.wait(timeout=120) == [0, 0], run.logs_tail()
+    assert not fleet.compare_weights("torch", run.weights(0), reference.weights(0))
+    assert fleet.listing(run.out_dir) == {"complete": [12, 14, 16], "partial": []}
+    assert sorted(os.listdir(os.path.join(run.out_dir, "checkpoint-12", "optimizer_shards"))) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    for step in (14, 16):  # resume from the checkpoint written while training went on
+        os.rename(os.path.join(run.out_dir, f"checkpoint-{step}"), os.path.join(run.run_dir, f"moved-{step}"))
+    resumed = fl.start(run.run_dir, resume=True, fsdp=True, async_save=True)
+    assert resumed.wait(timeout=120) == [0, 0], resumed.logs_tail()
+    assert resumed.results()[0]["resumed_from"] == 12
+    assert not fleet.compare_weights("torch", resumed.weights(0), reference.weights(0))
+    assert not fleet.compare_history("torch", resumed.results()[0]["log_history"],
+                                     reference.results()[0]["log_history"], MAX_STEPS)
