@@ -8,8 +8,13 @@ business (model, optimizer, RNG) plus the front's `trainer_state.json` and `trai
 Integrity: the last file written before publication is a manifest (manifest.py) with the size and
 sha256 of every file. Resuming verifies it: `resume_from_checkpoint=True` falls back to the newest
 checkpoint that verifies (with a warning per skipped one), an explicit path that fails raises.
-Rotation never deletes the newest verified checkpoint nor the best one. A save that runs out of
-disk space removes its temporary directory and raises `CheckpointDiskFullError`.
+Rotation never deletes the newest verified checkpoint nor the best one.
+
+A failed save removes its temporary directory and every process raises the same error, built from
+every process's report (`describe_save_failure` -> `save_failure_error`): `CheckpointDiskFullError`
+for a full disk, `CheckpointWriteError` otherwise, naming the process and the file that failed
+(`writing(path)` records the file on errors that do not say). The Trainer's save protocol around
+these pieces (several processes, asynchronous saves) is checkpoint_writer.py.
 """
 
 from __future__ import annotations
