@@ -167,11 +167,6 @@ class CheckpointWriter:
 
     # ------------------------------------------------------------------ waiting
 
-    @property
-    def in_flight_step(self) -> int | None:
-        """The step of the asynchronous save still being written, or None."""
-        return self._in_flight.step if self._in_flight is not None else None
-
     def wait(self) -> None:
         """Waits for the asynchronous save in flight; raises its error (the same on every process)."""
         in_flight, self._in_flight = self._in_flight, None
