@@ -374,7 +374,9 @@ def _async_plan(seed: int) -> dict:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+# jax's variant (~20 s) is in the slow set; the default set kills jax during asynchronous saves in
+# test_chaos.py's one-process run.
+@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
 def test_kill9_during_an_async_save_never_leaves_a_loadable_partial_checkpoint(backend, tmp_path):
     """The kill -9 trials with async_checkpointing=True, killed while a background save is in flight;
     checked against an uninterrupted synchronous run, so async saving changes nothing either."""
