@@ -281,6 +281,14 @@ SUPPORT: dict[str, dict[str, Any]] = {
         torch=NoEffect("it is JAX's persistent compilation cache; torch_compile caches in TORCHINDUCTOR_CACHE_DIR"),
         jax=_acts("tests/backends/jax/test_compilation.py::test_persistent_compilation_cache_is_written_and_reused"),
         torch_xla=NoEffect("it is JAX's cache; torch_xla's is set with torch_xla.runtime.initialize_cache")),
+    "async_checkpointing": per_backend(
+        torch=_acts("tests/fault/test_checkpoint_agreement.py::test_async_torch_checkpoints_equal_synchronous_ones"),
+        jax=_acts("tests/fault/test_checkpoint_agreement.py::test_async_jax_checkpoints_restore_bitwise_like_synchronous_ones"),
+        torch_xla=NoEffect("torch_xla checkpoints are written in the step loop; the next step waits for them")),
+    "jax_heartbeat_timeout": per_backend(
+        torch=NoEffect("torch processes watch each other through ddp_timeout"),
+        jax=_acts("tests/fault/test_faults_at_scale.py::test_a_killed_rank_stops_the_others_with_a_clear_error"),
+        torch_xla=NoEffect("torch_xla runs one process per host; a dead host ends the run")),
     "xla_pad_batches": per_backend(torch=NoEffect("torch runs dynamic shapes eagerly"),
                                    jax=NoEffect("the jax backend pads short windows itself"),
                                    torch_xla=_acts("tests/backends/torch_xla/test_static_shapes.py::test_short_batch_gets_ignored_rows_and_bucketed_length")),

@@ -26,7 +26,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
 from .args_support import report_unsupported
-from . import data, preemption
+from . import checkpoint_writer, data, preemption
 from .backends import get_backend, resolve_backend_name
 from .backends.base import EvalOutput
 from .callbacks import (
@@ -292,10 +292,10 @@ class Trainer:
             self.optimizer, self.lr_scheduler = None, None
             self.callback_handler.model = self.model
         self.is_in_train = True
-        # enable_jit_checkpoint: on SIGTERM finish the step, save it and exit 143 (transformers' JIT checkpoint).
-        watch = preemption.watch_sigterm(self.backend) if args.enable_jit_checkpoint else contextlib.nullcontext()
         try:
-            with watch as self._preemption:
+            # With enable_jit_checkpoint, SIGTERM saves the step and exits 143; a dead peer process gives a
+            # clear error; an asynchronous save in flight is settled (preemption.py).
+            with preemption.guard_train(self) as self._preemption:
                 return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
             self.is_in_train, self._preemption = False, None
@@ -389,6 +389,7 @@ class Trainer:
             self._run_epoch(loader, epoch, start, batches_per_epoch, updates_per_epoch, trial, ignore_keys_for_eval, start_time)
             if self.control.should_training_stop:
                 break
+        preemption.at_loop_end(self)  # a SIGTERM in the last step; an asynchronous save still in flight
         return self._finish_training(initial_step, max_steps, num_train_samples, start_time, trial)
 
     def _prepare_optimizer_and_state(self, max_steps: int) -> None:
@@ -699,29 +700,39 @@ class Trainer:
         return False
 
     def _save_checkpoint(self, model=None, trial=None) -> None:
-        """Writes checkpoint-{global_step}/ (published only when complete) and rotates old checkpoints."""
+        """Writes checkpoint-{global_step}/ on every process, published only when complete everywhere (or, with
+        async_checkpointing, finished in the background), then rotates old checkpoints."""
         args, backend = self.args, self.backend
         run_dir = args.output_dir
         step = self._last_saved_step = self.state.global_step
-        main = self.is_world_process_zero()
-        with ckpt.atomic_checkpoint(run_dir, step, is_main=main, barrier=backend.barrier) as tmp:
-            if backend.weights_restored_with_state:
-                # The backend's state file holds the weights; a user's _save still writes its files here.
-                if self.hooks.overrides("_save"):
-                    self.save_model(tmp, _internal_call=True)
-            else:
-                self.save_model(tmp, _internal_call=True)  # the model files, through the overridable _save
-            backend.save(self._backend_state, tmp, save_only_model=args.save_only_model)
-            if self.state.best_global_step:
-                best = os.path.join(run_dir, ckpt.checkpoint_dir_name(self.state.best_global_step))
-                if self.state.best_global_step == step or os.path.isdir(best):
-                    self.state.best_model_checkpoint = best
-            if main:
-                self.state.update_stateful_callbacks(self.callback_handler.callbacks + [self.control])
-                self.state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
-                ckpt.save_training_args(args, tmp)
-        if main:
-            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, self.state.best_model_checkpoint)
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, ckpt.checkpoint_dir_name(self.state.best_global_step))
+            if self.state.best_global_step == step or os.path.isdir(best):
+                self.state.best_model_checkpoint = best
+
+        def write_front_files(tmp: str) -> None:  # the main process, into the unpublished directory
+            self.state.update_stateful_callbacks(self.callback_handler.callbacks + [self.control])
+            self.state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
+            ckpt.save_training_args(args, tmp)
+
+        writer = checkpoint_writer.writer_for(self)
+        write_model_files, in_background = None, False
+        if not backend.weights_restored_with_state or self.hooks.overrides("_save"):
+            # The model files go through the overridable _save, as in transformers. The weights are gathered now
+            # (collective under FSDP); a save that finishes in the background gets a host copy and writes later.
+            in_background = writer.asynchronous and not backend.weights_restored_with_state
+            state_dict = backend.model_state_for_save(self._backend_state, copy=in_background)
+            if self.args.should_save:
+                def write_model_files(tmp: str) -> None:
+                    self._save(tmp, state_dict=state_dict)
+
+        best_now = self.state.best_model_checkpoint
+        # Every process's part, the agreement on the outcome, atomic publication (checkpoint_writer.py).
+        writer.save(
+            step, self._backend_state, save_only_model=args.save_only_model, write_front_files=write_front_files,
+            write_model_files=write_model_files, model_files_in_background=in_background,
+            after_publish=lambda: ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now),
+        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Writes the model where its own library loads it from (e.g. from_pretrained), plus training_args.bin.
@@ -733,7 +744,7 @@ class Trainer:
         if os.path.exists(output_dir) and not os.path.isdir(output_dir):
             raise NotADirectoryError(f"Cannot save the model to {output_dir!r}: it exists and is a file.")
         state_dict = self.backend.model_state_for_save(self._backend_state)
-        if self.is_world_process_zero():
+        if self.args.should_save:  # the main process (of each node with save_on_each_node)
             self._save(output_dir, state_dict=state_dict)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -98,6 +98,7 @@ class TrainingArguments(TrainingArgumentsSetters):
     """The arguments of a training/evaluation run, named and defaulted as in transformers 5.x.
 
     Extra xtrainer fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`,
+    `async_checkpointing`, `jax_heartbeat_timeout`,
     and the torch_xla static-shape policy `xla_pad_batches`, `xla_seq_bucket`, `xla_max_graphs`, `xla_on_recompile`.
     `nan_policy` ("raise" | "skip" | "ignore") says what a step with a NaN/inf loss or grad norm does (nan_policy.py).
     Dict-typed fields also accept a JSON string (as on the command line).
@@ -278,6 +279,16 @@ class TrainingArguments(TrainingArgumentsSetters):
     )
     enable_jit_checkpoint: bool = field(
         default=False, metadata=_help("On SIGTERM, finish the step, save a checkpoint and exit (preemption).")
+    )
+    async_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Write checkpoints in a background thread: the step loop pays only the copy to host memory "
+                       "(xtrainer; torch and jax backends)."),
+    )
+    jax_heartbeat_timeout: int = field(
+        default=60,
+        metadata=_help("Multi-host JAX: seconds after which the other processes stop when one stopped responding "
+                       "(xtrainer; jax.distributed's heartbeat timeout)."),
     )
     debug: str | list[str] = field(
         default="", metadata=_help("Debug features: 'underflow_overflow', 'tpu_metrics_debug'.")

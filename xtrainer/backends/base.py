@@ -221,11 +221,39 @@ class Backend(Protocol):
     def barrier(self) -> None:
         """Waits for every process (no-op on one process)."""
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
-        """Whether to save `step` and stop for a preemption (SIGTERM); called after every optimizer step.
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
+        """Whether to save `step` and stop for a preemption (SIGTERM); called after every optimizer step,
+        and once more with final=True after the last one.
 
-        Host-only (no device sync). `local_flag` is whether this process got SIGTERM. Single-process
-        and torch backends return it; multi-host JAX returns JAX's preemption sync point, so every
-        host stops at the same step. A backend whose runtime catches SIGTERM itself (so the front
-        must not install a Python handler) has a true `native_preemption_notice` attribute.
+        Host-only (no device sync). `local_flag` is whether this process got SIGTERM. One process
+        returns it; several must return the same answer at the same step on every process (torch:
+        an all-reduce of the flags, read one step late; multi-host JAX: JAX's preemption sync point).
+        A backend whose processes agree through a runtime service has a true `native_preemption_notice`
+        attribute and an `announce_preemption()` that the SIGTERM handler calls to tell the service.
         """
+
+
+class CheckpointCoordination(Protocol):
+    """Optional Backend methods that checkpoint_writer.py uses when a backend has them: asynchronous
+    saves, and the agreement of several processes on a save's outcome. Without them a backend's
+    `save` runs in the step loop and several processes only meet at `barrier`."""
+
+    def save_async(self, state: Any, directory: str, *, save_only_model: bool = False,
+                   outcome_tag: str | None = None, background: bool = True) -> Any:
+        """Optional. Starts `save`; returns a function that finishes it (blocks until the files are written).
+
+        Everything that reads device state happens before it returns (the device-to-host copy), so
+        the next step may change the state while the function runs in a background thread
+        (background=True; with False it runs right away). `outcome_tag` is the `exchange` tag under
+        which each process's outcome of this save will be posted.
+        """
+
+    def exchange(self, tag: str, value: Any) -> list:
+        """Optional. Every process's small host `value` (JSON-able), in process order.
+
+        Collective over processes, never over devices, and safe from a background thread; `tag` names
+        the exchange (the same on every process). One process: [value].
+        """
+
+    def forget(self, tag: str) -> None:
+        """Optional. Drops what the exchanges under `tag` left behind, once every process has read it."""

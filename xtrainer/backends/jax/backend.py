@@ -84,6 +84,7 @@ class JaxBackend:
         self.compile_seconds: list[float] = []
         self._last_compiled = None  # the train step that ran last (its cost analysis gives step_flops)
         self._scalar_cache: dict = {}  # host scalar bytes -> replicated device array (see _replicate)
+        self._namespace = None  # multi-host: this backend's keys in the coordination service
 
     # ------------------------------------------------------------------ setup
 
@@ -97,7 +98,7 @@ class JaxBackend:
                 "optimizer_cls_and_kwargs names a torch optimizer class, which backend='jax' cannot run; pass "
                 "optimizers=(optax_transformation, None), or set args.optim."
             )
-        multihost.initialize_from_env()
+        multihost.initialize_from_env(args)
         if getattr(args, "jax_compilation_cache_dir", None):
             jax.config.update("jax_compilation_cache_dir", args.jax_compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -117,6 +118,8 @@ class JaxBackend:
         self.mesh_config = MeshConfig.resolve(mesh_spec, jax.device_count())
         self.mesh = build_mesh(self.mesh_config)
         self.num_processes, self.process_index = jax.process_count(), jax.process_index()
+        if self.num_processes > 1 and self._namespace is None:
+            self._namespace = multihost.namespace()
         if self.mesh_config.batch_devices % self.num_processes:
             raise ValueError(
                 f"The batch axes (data x fsdp = {self.mesh_config.batch_devices}) must split evenly over "
@@ -542,9 +545,43 @@ class JaxBackend:
     weights_restored_with_state = True
 
     def save(self, state, directory: str, *, save_only_model: bool = False) -> None:
+        self.save_async(state, directory, save_only_model=save_only_model)()
+
+    def save_async(self, state, directory: str, *, save_only_model: bool = False, outcome_tag: str | None = None,
+                   background: bool = True):
+        """Starts an orbax save (host copies made before it returns); returns the function that waits for it.
+
+        Orbax always writes from host copies, so `background` changes nothing here.
+
+        Several processes: `outcome_tag` is where checkpoint_writer posts each process's outcome
+        with `exchange`; orbax's barriers watch it, so a write that fails on one process stops the
+        others' waits at once (multihost.failure_aware_barrier).
+        """
         if save_only_model:
             state = {"params": state["params"], "extra": state["extra"]}
-        state_io.save_state(_without_run_counters(state), directory)
+        barrier, timeout = None, None
+        if self.num_processes > 1:
+            timeout = self._peer_timeout()
+            if outcome_tag is not None:
+                barrier = multihost.failure_aware_barrier(self._key(outcome_tag), _peer_save_failed)
+        return state_io.start_save(_without_run_counters(state), directory, barrier_sync_fn=barrier, timeout_s=timeout)
+
+    def _peer_timeout(self) -> float:
+        return float(getattr(self.args, "ddp_timeout", None) or 1800)
+
+    def _key(self, tag: str) -> str:
+        return f"{self._namespace}/{tag}"
+
+    def exchange(self, tag: str, value) -> list:
+        """Every process's `value` (JSON-able), in process order; may run in a background thread."""
+        if self.num_processes == 1:
+            return [value]
+        return multihost.exchange(self._key(tag), value, self._peer_timeout())
+
+    def forget(self, tag: str) -> None:
+        """Drops the exchange keys under `tag` (every process has read them)."""
+        if self.num_processes > 1 and self.process_index == 0:
+            multihost.forget(self._key(tag))
 
     def restore(self, state, directory: str, *, include_model: bool = True):
         restored = state_io.restore_state(_without_run_counters(state), directory)
@@ -568,7 +605,7 @@ class JaxBackend:
         restored = state_io.restore_state(_without_run_counters(state), directory)
         state["params"], state["extra"] = restored["params"], restored["extra"]
 
-    def model_state_for_save(self, state) -> None:
+    def model_state_for_save(self, state, copy: bool = False) -> None:
         return None  # the main process reads the (replicated or addressable) weights itself in export_model
 
     def export_model(self, state, directory: str, state_dict=None) -> None:
@@ -582,16 +619,22 @@ class JaxBackend:
 
     @property
     def native_preemption_notice(self) -> bool:
-        """True on multi-host runs with JAX's preemption service: it catches SIGTERM itself."""
+        """True on multi-host runs with JAX's preemption service, which agrees on the step to stop at."""
         return self.num_processes > 1 and multihost.preemption_service_running()
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+    def announce_preemption(self) -> None:
+        """Called by the SIGTERM handler: tells every host's preemption service now (multihost.py)."""
+        multihost.announce_preemption()
+
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         if self.native_preemption_notice:
             # Every host calls this after every step; once any host got SIGTERM, all of them
-            # return True at the same agreed step, so they save the same checkpoint.
+            # return True at the same agreed step, so they save the same checkpoint. The sync point
+            # is the step after the fastest host's last call, so a notice that comes during the
+            # last step is found by asking for the step after it.
             from jax.experimental import multihost_utils
 
-            return bool(multihost_utils.reached_preemption_sync_point(step))
+            return bool(multihost_utils.reached_preemption_sync_point(step + 1 if final else step))
         return local_flag
 
     def barrier(self) -> None:
@@ -604,6 +647,12 @@ class JaxBackend:
 def _holds_torch(tree) -> bool:
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: type(x).__module__.startswith("torch"))
     return any(type(x).__module__.startswith("torch") for x in leaves)
+
+
+def _peer_save_failed(rank: int, report: dict) -> Exception:
+    from ...checkpoint import PeerSaveFailed
+
+    return PeerSaveFailed(f"process {rank} failed to write its part of the checkpoint: {report.get('error')}")
 
 
 def _without_run_counters(state: dict) -> dict:

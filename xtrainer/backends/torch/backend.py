@@ -20,7 +20,7 @@ from torch import nn
 
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
-from . import distributed, state_io
+from . import coordination, distributed, save_snapshot, state_io
 from .nan_guard import make_nan_guard
 from .optim import decay_parameter_names
 
@@ -127,6 +127,8 @@ class TorchBackend:
         self.process_index = 0
         self.local_batch_devices = 1
         self.device = torch.device("cpu")
+        self._host_groups = None
+        self._agreement = None
 
     # ------------------------------------------------------------------ setup
 
@@ -139,6 +141,8 @@ class TorchBackend:
         self._scaler = None
         self.dist = distributed.init_from_env(args)
         self.num_processes, self.process_index = self.dist.world_size, self.dist.rank
+        if self.num_processes > 1 and self._host_groups is None:  # preemption and save agreement (coordination.py)
+            self._host_groups = coordination.HostGroups(getattr(args, "ddp_timeout", None) or 1800)
         self.device = self._pick_device(args)
         self.amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
@@ -234,6 +238,7 @@ class TorchBackend:
             scaler = torch.amp.GradScaler(self.device.type)
         guard = make_nan_guard(args, self.device, loss_scaling=scaler is not None)
         self._optimizer, self._scaler = optimizer, scaler
+        self._agreement = coordination.PreemptionAgreement(self._host_groups.preemption) if self._host_groups else None
         return TorchState(model=runner, optimizer=optimizer, scheduler=scheduler, scaler=scaler, nan_guard=guard)
 
     # ------------------------------------------------------------------ steps
@@ -337,10 +342,14 @@ class TorchBackend:
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
+        # HF logs the mean over processes of each process's loss (its gathered tr_loss). Computed
+        # before the NaN guard, which reads it: one process's NaN loss is then every process's, and
+        # all of them skip (or stop) together; the gradient norm is already the same everywhere.
+        loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
         guard = state.nan_guard
         guarded = contextlib.nullcontext()
         if guard is not None:  # nan_policy skip/raise: the update is selected on device (nan_guard.py)
-            guarded = guard.guarded_step(optimizer, guard.update(losses, grad_norm), state.scaler)
+            guarded = guard.guarded_step(optimizer, guard.update(list(loss), grad_norm), state.scaler)
         if state.scaler is not None:
             scale_before = state.scaler.get_scale()
             with guarded:
@@ -356,8 +365,6 @@ class TorchBackend:
         if not skipped:
             state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # HF logs the mean over processes of each process's loss (its gathered tr_loss).
-        loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
         nonfinite = guard.report() if guard else None
         return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, nonfinite=nonfinite)
 
@@ -475,14 +482,37 @@ class TorchBackend:
     #: The model weights live in their own files (model.safetensors), written through the Trainer's `_save`.
     weights_restored_with_state = False
 
-    def model_state_for_save(self, state) -> dict | None:
-        """Full weights gathered for writing (collective under FSDP); None when the model holds them whole."""
-        return state_io.gather_model_state(self.model, self.dist)
+    def model_state_for_save(self, state, copy: bool = False) -> dict | None:
+        """Full weights gathered for writing (collective under FSDP); None when the model holds them whole.
+
+        copy=True: a host copy, for a write that happens later while training goes on (tied weights stay tied)."""
+        gathered = state_io.gather_model_state(self.model, self.dist)
+        if copy and gathered is None and self.dist.is_main:
+            return save_snapshot.host_copy(self.model.state_dict())
+        return gathered
 
     def save(self, state: TorchState, directory: str, *, save_only_model: bool = False) -> None:
         """Optimizer, scheduler, scaler and RNG state (the model files are written by the Trainer's `_save`)."""
-        if not save_only_model:
-            state_io.save_training_state(state, directory, self.dist)
+        self.save_async(state, directory, save_only_model=save_only_model, background=False)()
+
+    def save_async(self, state: TorchState, directory: str, *, save_only_model: bool = False,
+                   outcome_tag: str | None = None, background: bool = True):
+        """Captures the training state now; returns the function that writes its files.
+
+        background=True: every tensor is copied to host memory first, so the returned function may
+        run in another thread while training goes on (save_snapshot.py); False: it runs right away.
+        """
+        group = self._host_groups.checkpoint if self._host_groups else None
+        snapshot = save_snapshot.capture(self.model, state, self.dist, save_only_model=save_only_model,
+                                         copy=background, group=group, include_weights=False)
+        save_snapshot.start(snapshot, directory)
+        return lambda: save_snapshot.write(snapshot, directory)
+
+    def exchange(self, tag: str, value) -> list:
+        """Every process's `value` (small, picklable), in rank order; may run in a background thread."""
+        if self._host_groups is None:
+            return [value]
+        return coordination.exchange(value, self._host_groups.checkpoint, self.num_processes)
 
     def restore(self, state: TorchState, directory: str, *, include_model: bool = True) -> TorchState:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
@@ -515,10 +545,12 @@ class TorchBackend:
     def barrier(self) -> None:
         distributed.barrier(self.dist)
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
-        # This process's SIGTERM flag: schedulers signal every rank, and a collective here would
-        # cost a host round trip per step.
-        return local_flag
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
+        # Several processes: they agree through a non-blocking all-reduce of the flag on a gloo
+        # group of its own, read one step later (coordination.PreemptionAgreement).
+        if self._agreement is None:
+            return local_flag
+        return self._agreement.at_end() if final else self._agreement.at_step(local_flag)
 
 
 def apply_tf32(tf32: bool | None, device: torch.device) -> None:

@@ -93,15 +93,11 @@ def write_model_weights(model: nn.Module, directory: str, state_dict: dict | Non
     Args:
         state_dict: full weights (from gather_model_state); None writes model.state_dict().
     """
+    from . import save_snapshot
+
     if state_dict is None:
         state_dict = model.state_dict()
-    os.makedirs(directory, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, state_dict=state_dict)
-        return
-    from safetensors.torch import save_file
-
-    save_file(_dedupe_shared(state_dict), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_snapshot.write_weights(model, state_dict, directory)
 
 
 def save_model_weights(model: nn.Module, directory: str, info) -> None:
@@ -230,23 +226,9 @@ def save_training_state(state, directory: str, info) -> None:
 
     Under FSDP every process must call it: the shards are written collectively.
     """
-    os.makedirs(directory, exist_ok=True)
-    if info.sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from . import save_snapshot
 
-        optim_state = get_optimizer_state_dict(unwrap(state.model), state.optimizer)
-        dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(directory, OPTIMIZER_SHARDS_DIR))
-    elif info.is_main:
-        torch.save(state.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_NAME))
-    if info.is_main:
-        torch.save(state.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-        if state.scaler is not None:
-            torch.save(state.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.random.get_rng_state_all() if info.world_size > 1 else torch.cuda.random.get_rng_state()
-    torch.save(rng, _rng_file(directory, info))
+    save_snapshot.write(save_snapshot.capture(unwrap(state.model), state, info, include_weights=False), directory)
 
 
 def _load(path: str, device=None, *, allow_unsafe: bool = False):

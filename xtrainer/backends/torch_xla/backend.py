@@ -524,7 +524,7 @@ class TorchXlaBackend(TorchBackend):
     def barrier(self) -> None:
         return None
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         return local_flag  # one process (multi-process runs are refused in prepare)
 
     # ------------------------------------------------------------------ weights and state I/O
@@ -544,7 +544,7 @@ class TorchXlaBackend(TorchBackend):
         specs = {id(p): self.param_specs.get(n) for n, p in self.model.named_parameters()}  # no host read
         spmd.shard_optimizer_state(optimizer, self.placement, specs)
 
-    def model_state_for_save(self, state) -> None:
+    def model_state_for_save(self, state, copy: bool = False) -> None:
         self._pull_weights()  # the user's CPU model gets the device weights; export_model writes it
         return None
 
