@@ -50,6 +50,8 @@ class Script:
 
 FRONT = "tests/args/test_front_fields.py::"
 BACK = "tests/args/test_backend_fields.py::"
+MEM = "tests/args_real/test_skip_memory_metrics.py::"
+HUB = "tests/args_real/test_hub_fields.py::"
 
 
 def _acts(*tests: str, note: str = "") -> Acts:
@@ -67,6 +69,11 @@ def front(*tests: str, note: str = "") -> dict[str, Any]:
 
 def per_backend(torch, jax, torch_xla) -> dict[str, Any]:
     return {"torch": torch, "jax": jax, "torch_xla": torch_xla}
+
+
+def _hub(*tests: str) -> dict[str, Any]:
+    """Hub fields: the tests push to a local stand-in of the Hub (tests/fake_hub.py), parametrised over the backends."""
+    return everywhere(_acts(*(HUB + t for t in tests)))
 
 
 _NOT_ON_JAX_DDP = NoEffect("jax runs SPMD over the mesh without DDP; use mesh={'data': N}")
@@ -225,7 +232,9 @@ SUPPORT: dict[str, dict[str, Any]] = {
                                                 "per_device_train_batch_size or raise gradient_accumulation_steps")),
     "neftune_noise_alpha": everywhere(NoEffect("NEFTune embedding noise is not applied in this version")),
     "torch_empty_cache_steps": everywhere(NoEffect("the accelerator cache is not emptied in this version")),
-    "skip_memory_metrics": everywhere(NoEffect("memory metrics are not reported in this version")),
+    "skip_memory_metrics": per_backend(torch=_acts(MEM + "test_memory_metrics_on_torch"),
+                                       jax=_acts(MEM + "test_memory_metrics_on_jax"),
+                                       torch_xla=_acts(MEM + "test_memory_metrics_on_torch_xla")),
     "use_liger_kernel": per_backend(
         torch=Refused("xtrainer does not patch models with Liger's Triton kernels in this version; train without it, "
                       "or apply liger_kernel.transformers to the model yourself before building the Trainer"),
@@ -258,13 +267,14 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "deepspeed": everywhere(Refused("xtrainer does not run DeepSpeed; use fsdp='full_shard' under torchrun (torch) or an "
                                     "fsdp mesh axis (jax, torch_xla)")),
     # ---- hub
-    "push_to_hub": everywhere(NoEffect("the Hub is not pushed to in this version; upload output_dir with huggingface_hub")),
-    "hub_token": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_private_repo": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_model_id": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_strategy": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_always_push": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_revision": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
+    "push_to_hub": _hub("test_push_to_hub_uploads_the_model_and_its_card", "test_unreachable_hub_fails_at_construction"),
+    "hub_token": _hub("test_repository_fields_reach_the_hub"),
+    "hub_private_repo": _hub("test_repository_fields_reach_the_hub"),
+    "hub_model_id": _hub("test_repository_fields_reach_the_hub"),
+    "hub_strategy": _hub("test_hub_strategy_every_save", "test_push_to_hub_uploads_the_model_and_its_card",
+                         "test_hub_strategy_checkpoints", "test_hub_strategy_end"),
+    "hub_always_push": _hub("test_hub_always_push"),
+    "hub_revision": _hub("test_repository_fields_reach_the_hub"),
     # ---- xtrainer's own fields
     "backend": everywhere(_acts("tests/unit/test_backend_selection.py::test_auto_selection")),
     "mesh": per_backend(torch=NoEffect("the torch backend runs one device per process; use torchrun for data parallelism "

@@ -29,6 +29,10 @@ from .args_support import report_unsupported
 from . import checkpoint_writer, data, preemption
 from .backends import get_backend, resolve_backend_name
 from .backends.base import EvalOutput
+from .compat import hub, memory_metrics, metrics_report, model_card, run_logs
+from .compat.accelerate_compat import AcceleratorView, end_distributed, tensor_parallel_size
+from .compat.flos import FlopsEstimator, sum_over_processes
+from .compat.parameters import count_parameters
 from .callbacks import (
     CallbackHandler,
     DefaultFlowCallback,
@@ -102,6 +106,7 @@ class Trainer:
         # log_level on the main process, log_level_replica elsewhere, for xtrainer's loggers (as transformers
         # sets its own library's verbosity).
         logging.getLogger("xtrainer").setLevel(self.args.get_process_log_level())
+        run_logs.install_default_handler()  # INFO shows without a logging setup, as transformers' logs do
         set_seed(self.args.seed, deterministic=self.args.full_determinism)
         self.model_init = model_init
         if model is None:
@@ -123,6 +128,9 @@ class Trainer:
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.label_names = self.args.label_names
         self.backend = get_backend(resolve_backend_name(self.args.backend, model))
+        # skip_memory_metrics=False: the *_mem_* metrics, from here (compat/memory_metrics.py).
+        self._memory_tracker = memory_metrics.build_memory_tracker(self.args.skip_memory_metrics, self.backend, self.args)
+        self._memory_tracker.start("init")
         # The user's overrides reach the backend through this object; a backend that cannot honour
         # one refuses it here, in prepare, instead of training without it.
         self.hooks = TrainerHooks(self)
@@ -141,6 +149,10 @@ class Trainer:
         self._created_lr_scheduler = False
         self.label_names = self.args.label_names or self.backend.default_label_names()
         self._init_compat_attributes()
+        self.create_accelerator_and_postprocess()
+        self.current_flos = 0  # this process's FLOPs since the last store_flos (transformers' counter)
+        self._flops_estimator = FlopsEstimator()
+        self.hub_model_id, self.push_in_progress = None, None  # set by init_hf_repo / the pushes
         self._backend_state = None
         # Same order as transformers: flow control, report_to integrations, the user's callbacks, then progress.
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
@@ -155,7 +167,10 @@ class Trainer:
         )
         self.control = TrainerControl()
         self.is_in_train = False
+        if self.args.push_to_hub:  # an unreachable Hub fails here, before any training (compat/hub.py)
+            hub.init_hf_repo_or_fail(self)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+        self._memory_tracker.stop_and_update_metrics("init")
 
     # ------------------------------------------------------------------ small API
 
@@ -279,6 +294,7 @@ class Trainer:
         Args:
             resume_from_checkpoint: True for the newest checkpoint in output_dir, or a checkpoint path.
         """
+        self._memory_tracker.start("train")
         args = self.args
         if resume_from_checkpoint is None and args.resume_from_checkpoint:
             resume_from_checkpoint = args.resume_from_checkpoint
@@ -346,7 +362,7 @@ class Trainer:
     def _train_loop(self, resume_dir, trial, ignore_keys_for_eval) -> TrainOutput:
         args, backend = self.args, self.backend
         loader = self.get_train_dataloader()
-        (num_epochs, updates_per_epoch, _, num_train_samples, _, batches_per_epoch,
+        (num_epochs, updates_per_epoch, num_examples, num_train_samples, total_train_batch_size, batches_per_epoch,
          max_steps) = self.set_initial_training_values(args, loader)
         exportable = self.callback_handler.callbacks + [self.control]
         self.state = TrainerState(stateful_callbacks=[cb for cb in exportable if hasattr(cb, "state")])
@@ -356,7 +372,9 @@ class Trainer:
         self._prepare_optimizer_and_state(max_steps)
         epochs_done, skip_batches = 0, 0
         if resume_dir is not None:
+            fresh_state = self.state
             self.state = TrainerState.load_from_json(os.path.join(resume_dir, ckpt.TRAINER_STATE_NAME))
+            run_logs.warn_if_arguments_changed(args, fresh_state, self.state, backend.local_batch_devices)
             if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
                 self.state.best_model_checkpoint = None
             self._load_callback_state()
@@ -375,7 +393,11 @@ class Trainer:
         self._tokens_at_start = self.state.num_input_tokens_seen
         self._throughput = ThroughputMeter(backend)  # tokens_per_second and mfu in the logs
         start_time = time.time()
-        logger.info("Training: %s steps, %s epochs, backend=%s", max_steps, num_epochs, backend.name)
+        run_logs.log_training_start(
+            self, num_examples=num_examples, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch,
+            total_train_batch_size=total_train_batch_size, max_steps=max_steps,
+            trainable_parameters=self._trainable_parameters_or_none(), resumed=resume_dir is not None,
+            epochs_trained=epochs_done, batches_skipped=skip_batches)
 
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start:
@@ -477,6 +499,7 @@ class Trainer:
         events = StepEvents(self)
         for window, num_items, device_window in prefetch_one(windows, backend.shard_window):
             self._track_tokens(window)
+            self.current_flos += sum(float(self.floating_point_ops(batch)) for batch in window)
             self._throughput.add(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self.current_gradient_accumulation_steps = len(window)
@@ -528,6 +551,7 @@ class Trainer:
             self._globalstep_last_logged = self.state.global_step
             logs.update(self._throughput.report())
             self._nan.report(logs, self.backend.to_host)  # nan_policy: may raise, or log nan_skipped_steps
+            self.store_flos()
             self.log(logs, start_time)
         if self.control.should_evaluate:
             with self._throughput.paused():
@@ -549,8 +573,10 @@ class Trainer:
         # num_train_samples covers the whole schedule: only count the share of the steps run in this call.
         samples = num_train_samples * steps_run / max(max_steps, 1)
         metrics = speed_metrics("train", start_time, num_samples=samples, num_steps=steps_run)
+        self.store_flos()
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
+        self._memory_tracker.stop_and_update_metrics("train", metrics)
         self.log(metrics)
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
@@ -563,6 +589,7 @@ class Trainer:
                     shutil.rmtree(path, ignore_errors=True)
         self.model = self.backend.finalize(self._backend_state)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        hub.finish_current_push(self)  # the last checkpoint's upload
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     # ------------------------------------------------------------------ overridable hooks (transformers' names)
@@ -703,6 +730,8 @@ class Trainer:
         """Writes checkpoint-{global_step}/ on every process, published only when complete everywhere (or, with
         async_checkpointing, finished in the background), then rotates old checkpoints."""
         args, backend = self.args, self.backend
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
         run_dir = args.output_dir
         step = self._last_saved_step = self.state.global_step
         if self.state.best_global_step:
@@ -727,11 +756,13 @@ class Trainer:
                     self._save(tmp, state_dict=state_dict)
 
         best_now = self.state.best_model_checkpoint
+        push = hub.prepare_checkpoint_push(self)  # hub_strategy: uploads once the checkpoint is published
         # Every process's part, the agreement on the outcome, atomic publication (checkpoint_writer.py).
         writer.save(
             step, self._backend_state, save_only_model=args.save_only_model, write_front_files=write_front_files,
             write_model_files=write_model_files, model_files_in_background=in_background,
-            after_publish=lambda: ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now),
+            after_publish=lambda: (push and push(os.path.join(run_dir, ckpt.checkpoint_dir_name(step))),
+                                   ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now)),
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -746,6 +777,8 @@ class Trainer:
         state_dict = self.backend.model_state_for_save(self._backend_state)
         if self.args.should_save:  # the main process (of each node with save_on_each_node)
             self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:  # the user's save_model pushes, as in transformers
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Writes the model files, the processing class and training_args.bin into output_dir (main process)."""
@@ -784,6 +817,7 @@ class Trainer:
             for name, part in dataset.items():
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
+        self._memory_tracker.start("eval")
         loader = self.get_eval_dataloader(dataset)
         start = time.time()
         output = self.evaluation_loop(
@@ -797,10 +831,12 @@ class Trainer:
         )
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
+        self._memory_tracker.stop_and_update_metrics("eval", output.metrics)
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Runs prediction; returns PredictionOutput(predictions, label_ids, metrics)."""
+        self._memory_tracker.start("test")
         loader = self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False)
         start = time.time()
         output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -810,6 +846,7 @@ class Trainer:
                           num_steps=math.ceil(output.num_samples / total_batch))
         )
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
+        self._memory_tracker.stop_and_update_metrics("test", output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval") -> EvalLoopOutput:
@@ -817,6 +854,110 @@ class Trainer:
         from .evaluation import run_evaluation
 
         return run_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+    # ------------------------------------------------------------------ reports, model card, Hub, FLOPs, accelerate
+    # transformers' members that are not the loop; the work is done in xtrainer/compat/.
+
+    metrics_format = metrics_report.unbound(metrics_report.metrics_format)
+
+    def log_metrics(self, split, metrics):
+        """Prints `metrics` as transformers does: "***** {split} metrics *****" and aligned, formatted lines
+        (see metrics_format), on the world's main process only."""
+        if self.is_world_process_zero():
+            print(metrics_report.format_metrics_table(split, metrics))
+
+    def save_metrics(self, split, metrics, combined=True):
+        """Writes `{split}_results.json` into output_dir and, with `combined`, merges the metrics into
+        `all_results.json` (main process only)."""
+        if self.is_world_process_zero():
+            metrics_report.save_metrics_files(self.args.output_dir, split, metrics, combined)
+
+    def create_model_card(self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
+                          model_name: str | None = None, finetuned_from: str | None = None,
+                          tasks: str | list[str] | None = None, dataset_tags: str | list[str] | None = None,
+                          dataset: str | list[str] | None = None, dataset_args: str | list[str] | None = None) -> None:
+        """Writes output_dir/README.md: transformers' model card draft, with the training hyperparameters and
+        the evaluation results of `state.log_history` (compat/model_card.py)."""
+        if self.is_world_process_zero():
+            model_card.write_model_card(self, language=language, license=license, tags=tags, model_name=model_name,
+                                        finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
+                                        dataset=dataset, dataset_args=dataset_args)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates the Hub repository `hub_model_id` (default: output_dir's name) if needed; sets self.hub_model_id."""
+        hub.init_hf_repo(self, token=token, private=private)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, private: bool | None = None, **kwargs):
+        """Saves the model, writes the model card and uploads output_dir to the Hub (compat/hub.py).
+
+        Returns huggingface_hub's CommitInfo, or a Future of it with blocking=False; kwargs go to
+        create_model_card.
+        """
+        return hub.push_to_hub(self, commit_message=commit_message, blocking=blocking, token=token,
+                               revision=revision, private=private, **kwargs)
+
+    @staticmethod
+    def num_tokens(train_dl, max_steps: int | None = None) -> int:
+        """Tokens (`input_ids` elements) in a loader, by iterating it; with `max_steps`, the first batch's count
+        times max_steps (transformers 4's helper)."""
+        loader_epoch = getattr(train_dl, "epoch", None)
+        batches = loader_epoch(0) if callable(loader_epoch) else train_dl
+        total = 0
+        for batch in batches:
+            if "input_ids" not in batch:
+                logger.warning("Cannot get num_tokens from dataloader: its batches have no input_ids.")
+                return total
+            tokens = int(np.size(batch["input_ids"]))
+            if max_steps is not None:
+                return tokens * max_steps
+            total += tokens
+        return total
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """FLOPs of one forward and backward pass on `inputs` (one host micro-batch of numpy arrays), added to
+        `current_flos` for every micro-batch: 6 x tokens of the main input x non-embedding parameters, as in
+        transformers. Override it for another estimate."""
+        return self._flops_estimator(self.model, inputs)
+
+    def store_flos(self) -> None:
+        """Moves `current_flos` (summed over the data-parallel processes) into `state.total_flos`."""
+        self.state.total_flos += sum_over_processes(self.current_flos, self.backend)
+        self.current_flos = 0
+
+    def get_num_trainable_parameters(self) -> int:
+        """Parameters that training updates (torch: requires_grad; JAX models: all their parameters)."""
+        return count_parameters(self.model, trainable_only=True)
+
+    def _trainable_parameters_or_none(self) -> int | None:
+        try:
+            return self.get_num_trainable_parameters()
+        except TypeError:  # a model kind that cannot be counted: the banner leaves the line out
+            return None
+
+    def get_cp_size(self) -> int:
+        """Context-parallel size: 1 (xtrainer has no context parallelism; shard sequences yourself)."""
+        return 1
+
+    def get_sp_size(self) -> int:
+        """Sequence-parallel size: 1 (xtrainer has no DeepSpeed Ulysses / ALST sequence parallelism)."""
+        return 1
+
+    def get_tp_size(self) -> int:
+        """Tensor-parallel size: the model's `_tp_size`, else the mesh's `tensor` axis (jax, torch_xla), else 1."""
+        return tensor_parallel_size(self)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Sets `self.accelerator` (an AcceleratorView: xtrainer runs no accelerate Accelerator, see
+        compat/accelerate_compat.py) and the flags transformers sets here."""
+        self.accelerator = AcceleratorView(self)
+        self.gather_function = self.accelerator.gather_for_metrics
+        self.is_deepspeed_enabled = False  # DeepSpeed does not run in xtrainer (args.deepspeed is refused)
+
+    def end(self) -> None:
+        """Ends the distributed runtime (torch.distributed's process group, jax.distributed); call it once at the
+        very end of a script, after everything that talks to the other processes."""
+        end_distributed()
 
 
 def _apply_use_cache(model, use_cache: bool) -> None:

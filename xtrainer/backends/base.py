@@ -221,6 +221,11 @@ class Backend(Protocol):
     def barrier(self) -> None:
         """Waits for every process (no-op on one process)."""
 
+    def memory_probe(self, args: Any) -> Any:
+        """What reads this backend's accelerator memory for skip_memory_metrics=False (a
+        compat.memory_metrics.MemoryProbe), or None when the run has no accelerator. Called before
+        `prepare`; the probe must not start a device runtime before `prepare` does."""
+
     def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         """Whether to save `step` and stop for a preemption (SIGTERM); called after every optimizer step,
         and once more with final=True after the last one.

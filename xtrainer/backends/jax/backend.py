@@ -637,6 +637,11 @@ class JaxBackend:
             return bool(multihost_utils.reached_preemption_sync_point(step + 1 if final else step))
         return local_flag
 
+    def memory_probe(self, args):
+        from ...compat.memory_metrics import JaxMemoryProbe
+
+        return JaxMemoryProbe()
+
     def barrier(self) -> None:
         if self.num_processes > 1:
             from jax.experimental import multihost_utils

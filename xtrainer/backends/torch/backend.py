@@ -545,6 +545,13 @@ class TorchBackend:
     def barrier(self) -> None:
         distributed.barrier(self.dist)
 
+    def memory_probe(self, args):
+        if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
+            return None
+        from ...compat.memory_metrics import CudaMemoryProbe
+
+        return CudaMemoryProbe(torch.device("cuda", args.local_process_index))  # the device prepare picks
+
     def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         # Several processes: they agree through a non-blocking all-reduce of the flag on a gloo
         # group of its own, read one step later (coordination.PreemptionAgreement).
