@@ -230,7 +230,13 @@ def test_accelerator_view_sizes_and_end(tmp_path):
     trainer.model._tp_size = 4  # transformers' tensor-parallel loading records its degree on the model
     assert trainer.get_tp_size() == 4
     assert trainer.is_deepspeed_enabled is False
-    trainer.end()  # one process: nothing to shut down, and no error
+    trainer.end()  # no process group: nothing to shut down, and no error
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", world_size=1, rank=0)
+    assert dist.is_initialized()
+    trainer.end()  # as accelerate's end_training: the process group is destroyed
+    assert not dist.is_initialized()
 
 
 def test_tensor_parallel_size_is_the_mesh_tensor_axis_on_jax(tmp_path):

@@ -39,7 +39,10 @@ _REGISTRY: dict[str, tuple[tuple[str, ...], Callable[[], type]]] = {
 
 
 def _importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a dotted name whose parent package is missing ("orbax.checkpoint" without orbax)
+        return False
 
 
 def available_backends() -> list[str]:
