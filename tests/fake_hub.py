@@ -37,10 +37,12 @@ class Commit:
 
 
 class FakeHub:
-    """The server; `commit_delay_s` makes every commit take that long (to test pushes in flight)."""
+    """The server; `commit_delay_s` makes every commit take that long (to test pushes in flight), and
+    `refuse_commits` answers every commit with an error."""
 
-    def __init__(self, commit_delay_s: float = 0.0):
+    def __init__(self, commit_delay_s: float = 0.0, refuse_commits: bool = False):
         self.commit_delay_s = commit_delay_s
+        self.refuse_commits = refuse_commits
         self.repos: dict[str, dict] = {}
         self.commits: list[Commit] = []
         self.authorizations: list[str | None] = []
@@ -108,6 +110,8 @@ class FakeHub:
             def _commit(self, repo: str, revision: str, body: bytes):
                 if hub.commit_delay_s:
                     time.sleep(hub.commit_delay_s)
+                if hub.refuse_commits:
+                    return self._reply(400, {"error": "commit refused by the fake hub"})
                 commit = Commit(repo=repo, revision=revision, summary="")
                 for line in body.decode().splitlines():
                     if not line.strip():

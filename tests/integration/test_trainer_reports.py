@@ -40,6 +40,7 @@ def test_total_flos_matches_transformers(tmp_path):
     xt = xtrainer.Trainer(model=tiny_gpt2(), args=_xt_args(tmp_path / "xt", **kw), train_dataset=lm_data(32))
     xt_metrics = xt.train().metrics
     assert hf.state.total_flos > 0
+    assert not any("_mem_" in key for key in xt_metrics)  # skip_memory_metrics defaults to True, as in transformers
     assert xt.state.total_flos == hf.state.total_flos
     # (transformers' PrinterCallback pops total_flos from the dict train() returns; its log history keeps it)
     hf_final = [log for log in hf.state.log_history if "train_loss" in log][0]

@@ -9,7 +9,8 @@
   background as "Training in progress, step N" (or "epoch N"); with `hub_strategy="checkpoint"` the
   checkpoint folder also goes to `last-checkpoint/`, with `"all_checkpoints"` to `checkpoint-N/`. A push
   still running makes the next checkpoint skip its push, unless `hub_always_push=True`. Training waits
-  for the last push before train() returns.
+  for the last push before train() returns; an upload that failed is logged as an error (the files stay
+  in output_dir, and the next push uploads them again).
 - `push_to_hub` (and `save_model()` called by the user with push_to_hub=True, as "Model save"): saves
   the model, writes the model card (README.md), and uploads output_dir in one commit.
 
@@ -61,8 +62,15 @@ class PushInProgress:
 
     def wait_until_done(self) -> None:
         futures.wait(self.jobs)
-        for job in self.jobs:  # an upload that failed fails here, not silently
-            job.result()
+
+    def report_failures(self) -> None:
+        """Logs, once, each finished upload that failed (training goes on: the files stay in output_dir, and
+        the next push or push_to_hub() uploads them again)."""
+        for job in self.jobs:
+            if job.done() and not job.cancelled() and job.exception() is not None and not getattr(job, "_reported", False):
+                job._reported = True
+                logger.error("A push to the Hub failed (%s: %s); the files stay in output_dir and the next push "
+                             "uploads them.", type(job.exception()).__name__, job.exception())
 
     def cancel(self) -> None:
         self.jobs = [job for job in self.jobs if not (job.cancel() or job.done())]
@@ -72,13 +80,18 @@ def _strategy(args) -> HubStrategy:
     return HubStrategy(getattr(args.hub_strategy, "value", args.hub_strategy))
 
 
-def hub_api():
-    """A huggingface_hub client for xtrainer, on HF_ENDPOINT when set (read now, not at import)."""
-    huggingface_hub = require("huggingface_hub", "hub", "push_to_hub")
-    from .. import __version__
+def hub_api(trainer: Any):
+    """The trainer's huggingface_hub client (one per Trainer: its single upload thread keeps the background
+    commits in order), on HF_ENDPOINT when set (read when the client is made, not at import)."""
+    api = getattr(trainer, "_hub_api", None)
+    if api is None:
+        huggingface_hub = require("huggingface_hub", "hub", "push_to_hub")
+        from .. import __version__
 
-    return huggingface_hub.HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="xtrainer",
-                                 library_version=__version__)
+        api = huggingface_hub.HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="xtrainer",
+                                    library_version=__version__)
+        trainer._hub_api = api
+    return api
 
 
 def init_hf_repo(trainer: Any, token: str | None = None, private: bool | None = None) -> None:
@@ -89,7 +102,7 @@ def init_hf_repo(trainer: Any, token: str | None = None, private: bool | None = 
     repo_name = args.hub_model_id if args.hub_model_id is not None else Path(args.output_dir).absolute().name
     token = token if token is not None else args.hub_token
     private = private if private is not None else args.hub_private_repo
-    repo_url = hub_api().create_repo(repo_name, token=token, private=private, exist_ok=True)
+    repo_url = hub_api(trainer).create_repo(repo_name, token=token, private=private, exist_ok=True)
     trainer.hub_model_id = repo_url.repo_id
     trainer.push_in_progress = None
 
@@ -124,9 +137,12 @@ def _default_endpoint() -> str:
 def finish_current_push(trainer: Any) -> None:
     """Waits for the push in progress, if any (transformers' _finish_current_push)."""
     push = getattr(trainer, "push_in_progress", None)
-    if push is not None and not push.is_done():
+    if push is None:
+        return
+    if not push.is_done():
         logger.info("Waiting for the current checkpoint push to be finished, this might take a couple of minutes.")
         push.wait_until_done()
+    push.report_failures()
 
 
 def _model_files_of(checkpoint_folder: str) -> list[str]:
@@ -169,7 +185,7 @@ def prepare_checkpoint_push(trainer: Any) -> Callable[[str], None] | None:
         if trainer.processing_class is not None and hasattr(trainer.processing_class, "save_pretrained"):
             trainer.processing_class.save_pretrained(output_dir)
         ckpt.save_training_args(args, output_dir)
-        api = hub_api()
+        api = hub_api(trainer)
         jobs = [api.upload_folder(repo_id=trainer.hub_model_id, folder_path=output_dir, commit_message=message,
                                   token=args.hub_token, run_as_future=True, ignore_patterns=IGNORE_PATTERNS,
                                   revision=args.hub_revision)]
@@ -181,6 +197,8 @@ def prepare_checkpoint_push(trainer: Any) -> Callable[[str], None] | None:
                                           token=args.hub_token, run_as_future=True, revision=args.hub_revision))
         current = getattr(trainer, "push_in_progress", None)
         if current is None or current.is_done():
+            if current is not None:
+                current.report_failures()
             trainer.push_in_progress = PushInProgress(jobs)
         else:
             current.jobs.extend(jobs)
@@ -213,7 +231,7 @@ def push_to_hub(trainer: Any, commit_message: str | None = "End of training", bl
     trainer.create_model_card(model_name=model_name, **kwargs)
     revision = revision if revision is not None else args.hub_revision
     finish_current_push(trainer)
-    return hub_api().upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir,
+    return hub_api(trainer).upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir,
                                    commit_message=commit_message, token=token, run_as_future=not blocking,
                                    ignore_patterns=IGNORE_PATTERNS, revision=revision)
 
