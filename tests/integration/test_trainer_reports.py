@@ -126,7 +126,7 @@ def test_the_default_handler_prints_only_while_logging_is_not_configured(monkeyp
     handlers = [h for h in library.handlers if isinstance(h, run_logs._DefaultHandler)]
     assert len(handlers) == 1
     stream = io.StringIO()
-    monkeypatch.setattr(handlers[0], "stream", stream)
+    monkeypatch.setattr("sys.stderr", stream)  # the handler writes to the current sys.stderr
     record = logging.LogRecord("xtrainer.trainer", logging.INFO, __file__, 1, "***** Running training *****", None, None)
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
     handlers[0].handle(record)

@@ -24,7 +24,20 @@ logger = logging.getLogger("xtrainer.trainer")
 
 class _DefaultHandler(logging.StreamHandler):
     """Prints xtrainer's records only while nobody else would: no handler on the root logger and none
-    added to the "xtrainer" logger by the application."""
+    added to the "xtrainer" logger by the application. Like logging's last-resort handler, it writes to
+    whatever sys.stderr is when a record comes (a redirected or captured stderr included)."""
+
+    def __init__(self):
+        super().__init__()
+        self._fixed_stream = None
+
+    @property
+    def stream(self):
+        return self._fixed_stream if self._fixed_stream is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ / setStream assign it
+        self._fixed_stream = value
 
     def emit(self, record: logging.LogRecord) -> None:
         if logging.getLogger().handlers:
@@ -38,7 +51,7 @@ def install_default_handler() -> None:
     """Adds the fallback stderr handler to the "xtrainer" logger once (see the module docstring)."""
     library_logger = logging.getLogger("xtrainer")
     if not any(isinstance(h, _DefaultHandler) for h in library_logger.handlers):
-        library_logger.addHandler(_DefaultHandler(sys.stderr))
+        library_logger.addHandler(_DefaultHandler())
 
 
 def _has_length(loader: Any) -> bool:
