@@ -315,6 +315,7 @@ class Trainer:
                 return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
             self.is_in_train, self._preemption = False, None
+            self._memory_tracker.stop("train")  # a train() that raised: end its sampling (a no-op otherwise)
 
     def get_total_train_batch_size(self, args) -> int:
         """Examples per optimizer step over every process: per-device batch x batch devices x accumulation."""

@@ -67,10 +67,11 @@ class PushInProgress:
         """Logs, once, each finished upload that failed (training goes on: the files stay in output_dir, and
         the next push or push_to_hub() uploads them again)."""
         for job in self.jobs:
-            if job.done() and not job.cancelled() and job.exception() is not None and not getattr(job, "_reported", False):
-                job._reported = True
-                logger.error("A push to the Hub failed (%s: %s); the files stay in output_dir and the next push "
-                             "uploads them.", type(job.exception()).__name__, job.exception())
+            if not job.done() or job.cancelled() or job.exception() is None or getattr(job, "_reported", False):
+                continue
+            job._reported = True
+            logger.error("A push to the Hub failed (%s: %s); the files stay in output_dir and the next push "
+                         "uploads them.", type(job.exception()).__name__, job.exception())
 
     def cancel(self) -> None:
         self.jobs = [job for job in self.jobs if not (job.cancel() or job.done())]

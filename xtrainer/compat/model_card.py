@@ -194,7 +194,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             widths[key] = max(widths.get(key, 0), len(_round(value)))
 
     def line(cells: list[str]) -> str:
-        return "".join(f"| {cell}" + " " * (width - len(cell) + 1) for cell, width in zip(cells, widths.values())) + "|\n"
+        padded = (f"| {cell}" + " " * (width - len(cell) + 1) for cell, width in zip(cells, widths.values()))
+        return "".join(padded) + "|\n"
 
     table = line([str(k) for k in rows[0]])
     table += "".join(f"|:{'-' * width}:" for width in widths.values()) + "|\n"
@@ -219,11 +220,13 @@ def parse_log_history(log_history: list[dict]) -> tuple[dict | None, list[dict] 
         if "loss" in log:
             training_loss = log["loss"]
         if "eval_loss" in log:
-            values: dict[str, Any] = {"Training Loss": training_loss, "Epoch": log.get("epoch"), "Step": log.get("step")}
+            values: dict[str, Any] = {"Training Loss": training_loss, "Epoch": log.get("epoch"),
+                                      "Step": log.get("step")}
             for key, value in log.items():
                 if key in ("total_flos", "epoch", "step") or key.startswith("eval_") and key[5:] in _SPEED_KEYS:
                     continue
-                values["Validation Loss" if key == "eval_loss" else _title(key.split("_", 1)[1] if "_" in key else key)] = value
+                name = "Validation Loss" if key == "eval_loss" else _title(key.split("_", 1)[1] if "_" in key else key)
+                values[name] = value
             lines.append(values)
     last_index = max((i for i, log in enumerate(log_history) if "eval_loss" in log), default=None)
     results = None
@@ -241,7 +244,8 @@ def training_hyperparameters(trainer: Any) -> dict[str, Any]:
     params: dict[str, Any] = {"learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,
                               "eval_batch_size": args.per_device_eval_batch_size, "seed": args.seed}
     if batch_devices > 1:
-        params["distributed_type"] = f"{backend.name} ({batch_devices} batch devices over {backend.num_processes} process(es))"
+        params["distributed_type"] = (f"{backend.name} ({batch_devices} batch devices over "
+                                      f"{backend.num_processes} process(es))")
         params["num_devices"] = batch_devices
     if args.gradient_accumulation_steps > 1:
         params["gradient_accumulation_steps"] = args.gradient_accumulation_steps
