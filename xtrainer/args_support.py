@@ -232,9 +232,12 @@ SUPPORT: dict[str, dict[str, Any]] = {
                                                 "per_device_train_batch_size or raise gradient_accumulation_steps")),
     "neftune_noise_alpha": everywhere(NoEffect("NEFTune embedding noise is not applied in this version")),
     "torch_empty_cache_steps": everywhere(NoEffect("the accelerator cache is not emptied in this version")),
-    "skip_memory_metrics": per_backend(torch=_acts(MEM + "test_memory_metrics_on_torch"),
-                                       jax=_acts(MEM + "test_memory_metrics_on_jax"),
-                                       torch_xla=_acts(MEM + "test_memory_metrics_on_torch_xla")),
+    "skip_memory_metrics": per_backend(
+        torch=_acts(MEM + "test_memory_metrics_on_torch", note="RSS; the CUDA allocator on GPUs"),
+        jax=_acts(MEM + "test_memory_metrics_on_jax", note="RSS; the devices' memory_stats() where the runtime "
+                  "reports them (not JAX's CPU devices, said once)"),
+        torch_xla=_acts(MEM + "test_memory_metrics_on_torch_xla", note="RSS; xm.get_memory_info on TPUs (the PJRT "
+                        "CPU device reports none, said once)")),
     "use_liger_kernel": per_backend(
         torch=Refused("xtrainer does not patch models with Liger's Triton kernels in this version; train without it, "
                       "or apply liger_kernel.transformers to the model yourself before building the Trainer"),
