@@ -49,6 +49,7 @@ class Script:
 
 
 FRONT = "tests/args/test_front_fields.py::"
+HUB = "tests/args_real/test_hub_fields.py::"
 BACK = "tests/args/test_backend_fields.py::"
 
 
@@ -225,7 +226,7 @@ SUPPORT: dict[str, dict[str, Any]] = {
                                                 "per_device_train_batch_size or raise gradient_accumulation_steps")),
     "neftune_noise_alpha": everywhere(NoEffect("NEFTune embedding noise is not applied in this version")),
     "torch_empty_cache_steps": everywhere(NoEffect("the accelerator cache is not emptied in this version")),
-    "skip_memory_metrics": everywhere(NoEffect("memory metrics are not reported in this version")),
+    "skip_memory_metrics": everywhere(_acts("tests/args_real/test_skip_memory_metrics.py::test_memory_metrics_per_stage")),
     "use_liger_kernel": per_backend(
         torch=Refused("xtrainer does not patch models with Liger's Triton kernels in this version; train without it, "
                       "or apply liger_kernel.transformers to the model yourself before building the Trainer"),
@@ -258,13 +259,16 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "deepspeed": everywhere(Refused("xtrainer does not run DeepSpeed; use fsdp='full_shard' under torchrun (torch) or an "
                                     "fsdp mesh axis (jax, torch_xla)")),
     # ---- hub
-    "push_to_hub": everywhere(NoEffect("the Hub is not pushed to in this version; upload output_dir with huggingface_hub")),
-    "hub_token": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_private_repo": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_model_id": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_strategy": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_always_push": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
-    "hub_revision": everywhere(NoEffect("it is read by push_to_hub, which does not push in this version")),
+    "push_to_hub": per_backend(torch=_acts(HUB + "test_every_save_pushes_the_model_and_push_to_hub_adds_the_card"),
+                               jax=_acts(HUB + "test_jax_checkpoints_push_the_exported_model"),
+                               torch_xla=_acts(HUB + "test_every_save_pushes_the_model_and_push_to_hub_adds_the_card",
+                                               note="the torch backends share the upload path")),
+    "hub_token": everywhere(_acts(HUB + "test_every_save_pushes_the_model_and_push_to_hub_adds_the_card")),
+    "hub_private_repo": everywhere(_acts(HUB + "test_private_repo_revision_and_default_name")),
+    "hub_model_id": everywhere(_acts(HUB + "test_private_repo_revision_and_default_name")),
+    "hub_strategy": everywhere(_acts(HUB + "test_checkpoint_strategies")),
+    "hub_always_push": everywhere(_acts(HUB + "test_a_push_in_flight_skips_the_next_unless_hub_always_push")),
+    "hub_revision": everywhere(_acts(HUB + "test_private_repo_revision_and_default_name")),
     # ---- xtrainer's own fields
     "backend": everywhere(_acts("tests/unit/test_backend_selection.py::test_auto_selection")),
     "mesh": per_backend(torch=NoEffect("the torch backend runs one device per process; use torchrun for data parallelism "

@@ -39,6 +39,11 @@ from .callbacks import (
     TrainerState,
     restore_callback_states,
 )
+from .compat import flops, hub, metrics_report
+from .compat.accelerator import AcceleratorView
+from .compat.banner import log_training_banner
+from .compat.memory import MemoryTracker
+from .compat.resume_checks import warn_on_mismatched_arguments
 from .hooks import TrainerHooks
 from .loaders import DatasetLoader
 from .integrations import reporting_callbacks
@@ -102,6 +107,8 @@ class Trainer:
         # log_level on the main process, log_level_replica elsewhere, for xtrainer's loggers (as transformers
         # sets its own library's verbosity).
         logging.getLogger("xtrainer").setLevel(self.args.get_process_log_level())
+        # skip_memory_metrics=False: memory used by __init__, train, evaluate and predict (compat/memory.py).
+        self._memory_tracker = MemoryTracker(None, skip=self.args.skip_memory_metrics)
         set_seed(self.args.seed, deterministic=self.args.full_determinism)
         self.model_init = model_init
         if model is None:
@@ -123,6 +130,8 @@ class Trainer:
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.label_names = self.args.label_names
         self.backend = get_backend(resolve_backend_name(self.args.backend, model))
+        self._memory_tracker.backend = self.backend
+        self._memory_tracker.start("__init__")
         # The user's overrides reach the backend through this object; a backend that cannot honour
         # one refuses it here, in prepare, instead of training without it.
         self.hooks = TrainerHooks(self)
@@ -156,6 +165,9 @@ class Trainer:
         self.control = TrainerControl()
         self.is_in_train = False
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+        if self.args.push_to_hub:  # the repository exists (or the Hub is unreachable) before any training
+            self.init_hf_repo()
+        self._memory_tracker.stop("__init__")
 
     # ------------------------------------------------------------------ small API
 
@@ -196,6 +208,10 @@ class Trainer:
         # Evaluation runs the whole eval set on every process, so results need no gathering.
         self.gather_function = _identity
         self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
+        self.current_flos = 0  # FLOPs counted since the last store_flos (compat/flops.py)
+        self.accelerator = AcceleratorView(self)  # what accelerate-based code reads (compat/accelerator.py)
+        self.hub_model_id = None  # set by init_hf_repo
+        self.push_in_progress = None
         self._train_batch_size = self.args.per_device_train_batch_size
         self._globalstep_last_logged = 0
 
@@ -271,6 +287,12 @@ class Trainer:
             dataset = self.eval_dataset[dataset]
         return self._loader(dataset, self.args.per_device_eval_batch_size, training=False)
 
+    def get_test_dataloader(self, test_dataset):
+        """The loader predict() runs over (the whole test set on every process, in order)."""
+        if test_dataset is None:
+            raise ValueError("Trainer.predict() needs a test_dataset.")
+        return self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False)
+
     # ------------------------------------------------------------------ training
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None) -> TrainOutput:
@@ -292,6 +314,7 @@ class Trainer:
             self.optimizer, self.lr_scheduler = None, None
             self.callback_handler.model = self.model
         self.is_in_train = True
+        self._memory_tracker.start("train")
         try:
             # With enable_jit_checkpoint, SIGTERM saves the step and exits 143; a dead peer process gives a
             # clear error; an asynchronous save in flight is settled (preemption.py).
@@ -346,7 +369,7 @@ class Trainer:
     def _train_loop(self, resume_dir, trial, ignore_keys_for_eval) -> TrainOutput:
         args, backend = self.args, self.backend
         loader = self.get_train_dataloader()
-        (num_epochs, updates_per_epoch, _, num_train_samples, _, batches_per_epoch,
+        (num_epochs, updates_per_epoch, num_examples, num_train_samples, total_batch_size, batches_per_epoch,
          max_steps) = self.set_initial_training_values(args, loader)
         exportable = self.callback_handler.callbacks + [self.control]
         self.state = TrainerState(stateful_callbacks=[cb for cb in exportable if hasattr(cb, "state")])
@@ -359,6 +382,7 @@ class Trainer:
             self.state = TrainerState.load_from_json(os.path.join(resume_dir, ckpt.TRAINER_STATE_NAME))
             if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
                 self.state.best_model_checkpoint = None
+            warn_on_mismatched_arguments(args, self.state, backend.local_batch_devices)
             self._load_callback_state()
             self._resume_backend_state(resume_dir)
             epochs_done = self.state.global_step // updates_per_epoch
@@ -375,7 +399,8 @@ class Trainer:
         self._tokens_at_start = self.state.num_input_tokens_seen
         self._throughput = ThroughputMeter(backend)  # tokens_per_second and mfu in the logs
         start_time = time.time()
-        logger.info("Training: %s steps, %s epochs, backend=%s", max_steps, num_epochs, backend.name)
+        log_training_banner(self, num_examples, num_epochs, updates_per_epoch, total_batch_size, max_steps,
+                            epochs_done if resume_dir is not None else None, skip_batches)
 
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start:
@@ -484,6 +509,7 @@ class Trainer:
             step += len(window)
             grad_norm, learning_rate = metrics.grad_norm, metrics.learning_rate
             self._losses.add(metrics.loss, self.state.global_step - self._globalstep_last_logged)
+            self.current_flos += sum(float(self.floating_point_ops(batch)) for batch in window)
             self._nan.observe(metrics)
             self.state.global_step += 1
             self.state.epoch = epoch + (step + 1) / batches_per_epoch
@@ -526,6 +552,7 @@ class Trainer:
             if learning_rate is not None:
                 logs["learning_rate"] = learning_rate
             self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
             logs.update(self._throughput.report())
             self._nan.report(logs, self.backend.to_host)  # nan_policy: may raise, or log nan_skipped_steps
             self.log(logs, start_time)
@@ -549,8 +576,10 @@ class Trainer:
         # num_train_samples covers the whole schedule: only count the share of the steps run in this call.
         samples = num_train_samples * steps_run / max(max_steps, 1)
         metrics = speed_metrics("train", start_time, num_samples=samples, num_steps=steps_run)
+        self.store_flos()
         metrics["total_flos"] = self.state.total_flos
         metrics["train_loss"] = train_loss
+        self._memory_tracker.stop_and_update_metrics("train", metrics)
         self.log(metrics)
         if args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
@@ -563,6 +592,7 @@ class Trainer:
                     shutil.rmtree(path, ignore_errors=True)
         self.model = self.backend.finalize(self._backend_state)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        hub.finish_current_push(self)  # checkpoint uploads still in flight
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     # ------------------------------------------------------------------ overridable hooks (transformers' names)
@@ -661,6 +691,78 @@ class Trainer:
         """(loss, logits, labels) for one evaluation batch; each may be None."""
         return self.backend.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
+    # ------------------------------------------------------------------ reports and counters (compat/)
+
+    @staticmethod
+    def metrics_format(metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics made readable for log_metrics (memory in MB, runtimes as clock time, FLOPs in GF)."""
+        return metrics_report.metrics_format(metrics)
+
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Prints a `***** {split} metrics *****` table (main process)."""
+        metrics_report.log_metrics(self, split, metrics)
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """Writes {split}_results.json (and merges all_results.json) into output_dir (main process)."""
+        metrics_report.save_metrics(self, split, metrics, combined)
+
+    def get_num_trainable_parameters(self) -> int:
+        return self.backend.num_trainable_parameters()
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """FLOPs of forward + backward on one micro-batch (6 x tokens x parameters; 0 when the model cannot
+        count its parameters). Override for other models."""
+        return flops.floating_point_ops(self.model, inputs)
+
+    def store_flos(self) -> None:
+        """Adds the FLOPs counted since the last call to state.total_flos (summed over processes)."""
+        flops.store_flos(self)
+
+    def get_sp_size(self) -> int:
+        """Sequence-parallel degree: 1 (xtrainer's mesh has data, fsdp and tensor axes)."""
+        return 1
+
+    def get_cp_size(self) -> int:
+        """Context-parallel degree: 1 (xtrainer's mesh has data, fsdp and tensor axes)."""
+        return 1
+
+    def get_tp_size(self) -> int:
+        """Tensor-parallel degree: the mesh's tensor axis (jax, torch_xla), else 1."""
+        return int(getattr(getattr(self.backend, "mesh_config", None), "tensor", 1) or 1)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """transformers builds its accelerate Accelerator here; xtrainer has none (trainer.accelerator answers
+        what accelerate-based code reads), so there is nothing to create."""
+        raise NotImplementedError(
+            "create_accelerator_and_postprocess: xtrainer does not run accelerate; its backend is chosen and prepared "
+            "in Trainer.__init__ (see trainer.backend and trainer.accelerator)."
+        )
+
+    # ------------------------------------------------------------------ the Hub (compat/hub.py)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates (or reuses) the Hub repository args.hub_model_id (default: output_dir's name)."""
+        hub.init_hf_repo(self, token=token, private=private)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """Writes output_dir/README.md with the run's hyperparameters and results."""
+        hub.create_model_card(self, language=language, license=license, tags=tags, model_name=model_name,
+                              finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+                              dataset_args=dataset_args)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Saves the model and its card and uploads output_dir to the Hub repository."""
+        return hub.push_to_hub(self, commit_message=commit_message, blocking=blocking, token=token, revision=revision,
+                               private=private, **kwargs)
+
+    def end(self) -> None:
+        """Ends the run's process group, as transformers' end() does (call once, at the end of a script)."""
+        ending = getattr(self.backend, "end", None)
+        if callable(ending):
+            ending()
+
     # ------------------------------------------------------------------ logging, best model, checkpoints
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -705,6 +807,7 @@ class Trainer:
         args, backend = self.args, self.backend
         run_dir = args.output_dir
         step = self._last_saved_step = self.state.global_step
+        self.store_flos()  # total_flos in the checkpoint's trainer_state.json is up to date
         if self.state.best_global_step:
             best = os.path.join(run_dir, ckpt.checkpoint_dir_name(self.state.best_global_step))
             if self.state.best_global_step == step or os.path.isdir(best):
@@ -717,7 +820,8 @@ class Trainer:
 
         writer = checkpoint_writer.writer_for(self)
         write_model_files, in_background = None, False
-        if not backend.weights_restored_with_state or self.hooks.overrides("_save"):
+        pushes_model = args.push_to_hub and hub.HubStrategy(args.hub_strategy) != hub.HubStrategy.END
+        if not backend.weights_restored_with_state or self.hooks.overrides("_save") or pushes_model:
             # The model files go through the overridable _save, as in transformers. The weights are gathered now
             # (collective under FSDP); a save that finishes in the background gets a host copy and writes later.
             in_background = writer.asynchronous and not backend.weights_restored_with_state
@@ -727,11 +831,16 @@ class Trainer:
                     self._save(tmp, state_dict=state_dict)
 
         best_now = self.state.best_model_checkpoint
+
+        def after_publish() -> None:  # the main process, once checkpoint-N/ is complete
+            if args.push_to_hub:
+                hub.push_from_checkpoint(self, os.path.join(run_dir, ckpt.checkpoint_dir_name(step)))
+            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now)
+
         # Every process's part, the agreement on the outcome, atomic publication (checkpoint_writer.py).
         writer.save(
             step, self._backend_state, save_only_model=args.save_only_model, write_front_files=write_front_files,
-            write_model_files=write_model_files, model_files_in_background=in_background,
-            after_publish=lambda: ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now),
+            write_model_files=write_model_files, model_files_in_background=in_background, after_publish=after_publish,
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -746,6 +855,8 @@ class Trainer:
         state_dict = self.backend.model_state_for_save(self._backend_state)
         if self.args.should_save:  # the main process (of each node with save_on_each_node)
             self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Writes the model files, the processing class and training_args.bin into output_dir (main process)."""
@@ -784,6 +895,7 @@ class Trainer:
             for name, part in dataset.items():
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
+        self._memory_tracker.start("evaluate")
         loader = self.get_eval_dataloader(dataset)
         start = time.time()
         output = self.evaluation_loop(
@@ -797,11 +909,13 @@ class Trainer:
         )
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
+        self._memory_tracker.stop_and_update_metrics("evaluate", output.metrics)
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Runs prediction; returns PredictionOutput(predictions, label_ids, metrics)."""
-        loader = self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False)
+        self._memory_tracker.start("predict")
+        loader = self.get_test_dataloader(test_dataset)
         start = time.time()
         output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         total_batch = self.args.per_device_eval_batch_size * self.backend.local_batch_devices
@@ -810,6 +924,7 @@ class Trainer:
                           num_steps=math.ceil(output.num_samples / total_batch))
         )
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
+        self._memory_tracker.stop_and_update_metrics("predict", output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval") -> EvalLoopOutput:

@@ -276,6 +276,14 @@ class JaxBackend:
         scale = self._plateau.multiplier if self._plateau is not None else 1.0
         return float(schedule(step)) * float(scale)
 
+    def num_trainable_parameters(self) -> int:
+        return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(self.params)))
+
+    def end(self) -> None:
+        """Leaves jax.distributed (transformers' Trainer.end ends its process group)."""
+        if self.num_processes > 1:
+            jax.distributed.shutdown()
+
     def learning_rates(self, optimizer) -> list[float]:
         return [self._learning_rate_at(self._host_step)]
 

@@ -529,6 +529,16 @@ class TorchBackend:
         """Writes the model's files (main process; `state_dict` from model_state_for_save when sharded)."""
         state_io.write_model_weights(self.model, directory, state_dict)
 
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def end(self) -> None:
+        """Destroys the process group this run joined (transformers' Trainer.end)."""
+        import torch.distributed as dist
+
+        if self.num_processes > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def learning_rates(self, optimizer) -> list[float]:
         return [group["lr"] for group in optimizer.param_groups]
 
