@@ -205,6 +205,12 @@ class Trainer:
         self.hp_name = None
         self.neftune_noise_alpha = getattr(self.args, "neftune_noise_alpha", None)
         self.label_smoother = make_label_smoother(self.args.label_smoothing_factor)
+        if self.label_smoother is not None and getattr(getattr(self.model, "config", None), "problem_type", None) == (
+            "multi_label_classification"
+        ):
+            warnings.warn("Label smoothing is not compatible with multi-label classification. Disabling label smoothing "
+                          "for this training run.", UserWarning, stacklevel=3)
+            self.label_smoother = None
         # Evaluation runs the whole eval set on every process, so results need no gathering.
         self.gather_function = _identity
         self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
@@ -472,6 +478,9 @@ class Trainer:
         that runs, so the window after the last step may be asked for too.
         """
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        if self.backend.looks_up_token_ids:
+            for batch in batch_samples:
+                data.check_token_ids(batch)
         if not batch_samples or not self._count_items:
             return batch_samples, None
         num_items = data.count_label_items(batch_samples, self._shift_labels)

@@ -69,12 +69,12 @@ class AcceleratorView:
 
     # ---- the calls libraries make
     def unwrap_model(self, model, keep_fp32_wrapper: bool = True):
-        from ..backends.torch.distributed import unwrap
-
-        try:
-            return unwrap(model)
-        except Exception:  # not a torch module (a Flax model): nothing wraps it
-            return model
+        while isinstance(getattr(model, "module", None), type(model).__mro__[-2]) and type(model).__name__ in (
+            "DataParallel", "DistributedDataParallel"
+        ):
+            model = model.module
+        inner = getattr(model, "_orig_mod", None)  # torch.compile
+        return inner if inner is not None else model
 
     def wait_for_everyone(self) -> None:
         self._trainer.backend.barrier()

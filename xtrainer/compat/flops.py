@@ -21,8 +21,8 @@ def floating_point_ops(model: Any, inputs: dict) -> int:
 
 def store_flos(trainer) -> None:
     """Moves the FLOPs counted since the last call into state.total_flos (summed over processes)."""
-    current = int(getattr(trainer, "current_flos", 0) or 0)
+    current = float(getattr(trainer, "current_flos", 0) or 0)
     if trainer.backend.num_processes > 1:
-        current = trainer.backend.all_sum(current)
+        current = float(trainer.backend.all_sum(int(current)))
     trainer.state.total_flos += current
-    trainer.current_flos = 0
+    trainer.current_flos = 0.0

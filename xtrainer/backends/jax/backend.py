@@ -173,6 +173,17 @@ class JaxBackend:
     can_return_loss = False
 
     @property
+    def looks_up_token_ids(self) -> bool:
+        """Whether input_ids feed an embedding lookup: a torch model's input embeddings (torchax), or a model
+        taking input_ids (Flax models index their embedding tables with them)."""
+        if self.adapter.kind == "torchax":
+            from ..torch.backend import _has_input_embeddings
+
+            return _has_input_embeddings(self.model)
+        names = self.adapter.input_names
+        return names is not None and "input_ids" in names
+
+    @property
     def is_fsdp_enabled(self) -> bool:
         return self.mesh_config.fsdp > 1
 

@@ -167,6 +167,11 @@ class TorchBackend:
         return self.accepts_loss_kwargs
 
     @property
+    def looks_up_token_ids(self) -> bool:
+        """Whether input_ids feed an embedding lookup (a transformers model's input embeddings)."""
+        return _has_input_embeddings(self.model)
+
+    @property
     def can_return_loss(self) -> bool:
         return _can_return_loss(self.model)
 
@@ -269,7 +274,7 @@ class TorchBackend:
     def compute_loss(self, model, inputs: Mapping, return_outputs: bool = False, num_items_in_batch=None):
         """The Trainer's default compute_loss: the model's own loss, compute_loss_func, or label smoothing."""
         inputs = dict(inputs)
-        smoothing = self.args.label_smoothing_factor
+        smoothing = self.hooks.label_smoothing_factor
         compute_loss_func = self.hooks.compute_loss_func
         # A user loss or label smoothing takes the labels away from the model (as in HF).
         takes_labels = (compute_loss_func is not None or smoothing) and "labels" in inputs
@@ -602,6 +607,14 @@ def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: b
     smoothed = log_probs.sum(dim=-1, keepdim=True, dtype=torch.float32).masked_fill(padding, 0.0)
     active = num_items if num_items is not None else padding.numel() - padding.long().sum()
     return (1 - epsilon) * nll.sum() / active + epsilon * smoothed.sum() / (active * log_probs.shape[-1])
+
+
+def _has_input_embeddings(model) -> bool:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return callable(getter) and isinstance(getter(), nn.Embedding)
+    except Exception:  # a model whose getter is not implemented
+        return False
 
 
 def _can_return_loss(model: nn.Module) -> bool:
