@@ -109,7 +109,11 @@ def main(argv=None) -> int:
         extra = {"XTRAINER_CONFORMANCE": args.mode}
         if args.backend:
             extra["XTRAINER_CONFORMANCE_BACKEND"] = args.backend
+        timings_path = os.path.join(out, "timings.json")
         timings = {}
+        if os.path.exists(timings_path):  # a rerun of some files keeps the others' figures
+            with open(timings_path) as f:
+                timings = json.load(f)["files"]
         for name in files:
             stem = name[:-3]
             extra["XTRAINER_CONFORMANCE_REPORT"] = os.path.join(out, f"{stem}.redirect.json")
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
                 rc = subprocess.run(cmd, cwd=root, env=_env(args.python, extra), stdout=log, stderr=subprocess.STDOUT).returncode
             timings[name] = {"seconds": round(time.monotonic() - start, 1), "exit_code": rc}
             print(f"[{label}] {name}: exit {rc} in {timings[name]['seconds']} s", flush=True)
-        with open(os.path.join(out, "timings.json"), "w") as f:
+        with open(timings_path, "w") as f:
             json.dump({"command": sys.argv, "files": timings}, f, indent=1)
     finally:
         if args.keep_tests:
