@@ -98,8 +98,10 @@ def summarise(control: dict, candidate: dict) -> dict:
             # The whole file failed to collect, or the run stopped: count as failed with the file's reason.
             collect = candidate.get(f"{control[test]['file']}::<collection>")
             row["missing"] += 1
-            reason = collect or {"message": "test not run", "text": ""}
-            failures.append((test, *categorise(reason["text"], reason["message"])))
+            if collect:
+                failures.append((test, *categorise(collect["text"], collect["message"])))
+            else:  # an unfinished run must not pass for a behaviour failure
+                failures.append((test, "no result (run unfinished or test not collected)", "test not run"))
         elif got["outcome"] == "passed":
             row["pass"] += 1
         elif got["outcome"] == "skipped":
