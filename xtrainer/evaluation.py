@@ -82,6 +82,9 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
             weight_rows = batch_size if trainer.eval_loss_full_batch_weight else rows
             batch_losses = backend.repeat_scalar(out.loss, weight_rows)
             losses.add(batch_losses)
+        if trainer.preprocess_logits_for_metrics is not None or args.batch_eval_metrics:
+            # User code sees the model's own tensor type (torch tensors for a torch model trained through torchax).
+            logits, batch_labels = backend.metrics_view(logits), backend.metrics_view(batch_labels)
         if logits is not None and trainer.preprocess_logits_for_metrics is not None:
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         if keep_batches:

@@ -830,7 +830,7 @@ class Trainer:
         writer = checkpoint_writer.writer_for(self)
         write_model_files, in_background = None, False
         pushes_model = args.push_to_hub and hub.HubStrategy(args.hub_strategy) != hub.HubStrategy.END
-        if not backend.weights_restored_with_state or self.hooks.overrides("_save") or pushes_model:
+        if backend.model_files_in_checkpoints or self.hooks.overrides("_save") or pushes_model:
             # The model files go through the overridable _save, as in transformers. The weights are gathered now
             # (collective under FSDP); a save that finishes in the background gets a host copy and writes later.
             in_background = writer.asynchronous and not backend.weights_restored_with_state

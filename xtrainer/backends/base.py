@@ -82,6 +82,8 @@ class Backend(Protocol):
     #: separate model files and `restore` brings the weights back; False: the Trainer's `_save` and
     #: `_load_from_checkpoint` write and read the model files, `save`/`restore` the rest.
     weights_restored_with_state: bool
+    #: whether every checkpoint also gets the model files (transformers' layout) through the Trainer's `_save`
+    model_files_in_checkpoints: bool
 
     def prepare(self, model: Any, args: Any, *, hooks: Any) -> Any:
         """Places the model on devices; returns the model object the Trainer exposes as `trainer.model`.

@@ -382,6 +382,10 @@ class TorchBackend:
     def eval_inputs(self, batch: dict) -> dict:
         return batch
 
+    def metrics_view(self, tree: Any) -> Any:
+        """Eval outputs as preprocess_logits_for_metrics / batch_eval_metrics receive them (torch tensors)."""
+        return tree
+
     def trim_padding(self, output: tuple, inputs: Any) -> tuple:
         """prediction_step output without rows the backend added (none on torch)."""
         return output
@@ -486,6 +490,8 @@ class TorchBackend:
 
     #: The model weights live in their own files (model.safetensors), written through the Trainer's `_save`.
     weights_restored_with_state = False
+    #: Checkpoints hold the model files (transformers' layout), written through the Trainer's `_save`.
+    model_files_in_checkpoints = True
 
     def model_state_for_save(self, state, copy: bool = False) -> dict | None:
         """Full weights gathered for writing (collective under FSDP); None when the model holds them whole.
