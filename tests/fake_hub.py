@@ -1,164 +1,117 @@
-"""A small stand-in for the Hugging Face Hub's HTTP API, for tests of push_to_hub.
+"""A small stand-in for the Hugging Face Hub on 127.0.0.1, for the push_to_hub tests.
 
-It serves, on 127.0.0.1, the endpoints huggingface_hub's client calls to create a repository and commit
-files (whoami, repos/create, validate-yaml, preupload, commit, revision info), answers "regular"
-uploads (file contents inside the commit payload, no LFS), and keeps everything it receives:
-repositories, commits with their files, request headers, and any request it does not know.
-
-    with FakeHub() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        ...
-        hub.commits[0].files["model.safetensors"]
+It answers the endpoints huggingface_hub's client calls to create a repository and commit files (repo
+creation, pre-upload, commit) and keeps what it receives: every commit's message and files, by repository.
+Files are always asked to be sent inline ("regular" upload mode), so no large-file storage is involved.
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
 import json
+import re
 import threading
-import time
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
-
-USER = "tester"
-
-
-@dataclass
-class Commit:
-    repo: str
-    revision: str
-    summary: str
-    files: dict[str, bytes] = field(default_factory=dict)
-    deleted: list[str] = field(default_factory=list)
-    oid: str = ""
 
 
 class FakeHub:
-    """The server; `commit_delay_s` makes every commit take that long (to test pushes in flight), and
-    `refuse_commits` answers every commit with an error."""
-
-    def __init__(self, commit_delay_s: float = 0.0, refuse_commits: bool = False):
-        self.commit_delay_s = commit_delay_s
-        self.refuse_commits = refuse_commits
-        self.repos: dict[str, dict] = {}
-        self.commits: list[Commit] = []
-        self.authorizations: list[str | None] = []
-        self.unknown: list[str] = []
+    def __init__(self, user: str = "tester", refuse_commits: bool = False):
+        self.user = user
+        self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "files": {path: bytes}, "commits": [...]}
+        self.requests: list[tuple[str, str]] = []
+        self.commit_delay = 0.0  # seconds each commit takes (to keep an upload "in flight")
+        self.commit_delays: list[float] = []  # per commit, in arrival order (then commit_delay)
+        self.refuse_commits = refuse_commits  # answer every commit with an error 400 (not retried by the client)
         self.lock = threading.Lock()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output clean
-                return
+            def log_message(self, *args):
+                pass
 
-            def _body(self) -> bytes:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                return body
-
-            def _reply(self, status: int, payload) -> None:
-                data = json.dumps(payload).encode()
+            def _reply(self, status: int, payload=None):
+                body = json.dumps(payload if payload is not None else {}).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(data)
+                self.wfile.write(body)
+
+            def _read(self) -> bytes:
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
 
             def do_GET(self):
-                hub.authorizations.append(self.headers.get("Authorization"))
-                path = urlparse(self.path).path
-                if path == "/api/whoami-v2":
-                    return self._reply(200, {"type": "user", "name": USER, "orgs": [],
-                                             "auth": {"accessToken": {"displayName": "test", "role": "write"}}})
-                parts = path.split("/")
-                if len(parts) >= 7 and parts[1:3] == ["api", "models"] and parts[5] == "revision":
-                    repo = f"{parts[3]}/{parts[4]}"
-                    last = [c for c in hub.commits if c.repo == repo]
-                    return self._reply(200, {"id": repo, "sha": last[-1].oid if last else "0" * 40, "siblings": []})
-                hub.unknown.append(f"GET {self.path}")
-                return self._reply(404, {"error": f"not served by the fake hub: {self.path}"})
+                hub.requests.append(("GET", self.path))
+                if self.path.startswith("/api/whoami"):
+                    return self._reply(200, {"name": hub.user, "type": "user", "orgs": []})
+                match = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/[^/?]+)?(?:\?.*)?$", self.path)
+                if match and match.group(1) in hub.repos:
+                    repo = hub.repos[match.group(1)]
+                    return self._reply(200, {"id": match.group(1), "private": repo["private"], "sha": "0" * 40,
+                                             "siblings": [{"rfilename": f} for f in repo["files"]]})
+                return self._reply(404, {"error": "not found"})
 
             def do_POST(self):
-                hub.authorizations.append(self.headers.get("Authorization"))
-                path = urlparse(self.path).path
-                body = self._body()
-                if path == "/api/repos/create":
-                    request = json.loads(body)
-                    repo = f"{request.get('organization') or USER}/{request['name']}"
+                body = self._read()
+                hub.requests.append(("POST", self.path))
+                if self.path.startswith("/api/validate-yaml"):  # model card metadata check
+                    return self._reply(200, {})
+                if self.path == "/api/repos/create":
+                    data = json.loads(body)
+                    repo_id = f"{data.get('organization') or hub.user}/{data['name']}"
                     with hub.lock:
-                        if repo in hub.repos:
-                            return self._reply(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo}"})
-                        hub.repos[repo] = request
-                    return self._reply(200, {"url": f"{hub.url}/{repo}", "name": repo, "id": repo})
-                if path == "/api/validate-yaml":
-                    return self._reply(200, {"errors": [], "warnings": []})
-                parts = path.split("/")
-                if len(parts) >= 7 and parts[1:3] == ["api", "models"] and parts[5] == "preupload":
+                        created = repo_id not in hub.repos
+                        # huggingface_hub 1.x sends "private", 2.x "visibility"
+                        private = bool(data.get("private")) or data.get("visibility") == "private"
+                        hub.repos.setdefault(repo_id, {"private": private, "files": {},
+                                                       "commits": []})
+                    return self._reply(200 if created else 409, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
+                match = re.match(r"^/api/models/([^/]+/[^/]+)/preupload/.+$", self.path)
+                if match:
                     files = json.loads(body).get("files", [])
-                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                                        "oid": None} for f in files]})
-                if len(parts) >= 7 and parts[1:3] == ["api", "models"] and parts[5] == "commit":
-                    return self._commit(f"{parts[3]}/{parts[4]}", unquote("/".join(parts[6:])), body)
-                hub.unknown.append(f"POST {self.path}")
-                return self._reply(404, {"error": f"not served by the fake hub: {self.path}"})
+                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+                match = re.match(r"^/api/models/([^/]+/[^/]+)/commit/(.+)$", self.path)
+                if match:
+                    return self._commit(match.group(1), body, match.group(2))
+                return self._reply(404, {"error": "not found"})
 
-            def _commit(self, repo: str, revision: str, body: bytes):
-                if hub.commit_delay_s:
-                    time.sleep(hub.commit_delay_s)
+            def _commit(self, repo_id: str, body: bytes, revision: str = "main"):
+                import time
+
+                with hub.lock:
+                    delay = hub.commit_delays.pop(0) if hub.commit_delays else hub.commit_delay
+                time.sleep(delay)
                 if hub.refuse_commits:
                     return self._reply(400, {"error": "commit refused by the fake hub"})
-                commit = Commit(repo=repo, revision=revision, summary="")
+                repo = hub.repos.get(repo_id)
+                if repo is None:
+                    return self._reply(404, {"error": "repository not found"})
+                header, files = {}, {}
                 for line in body.decode().splitlines():
-                    if not line.strip():
-                        continue
                     item = json.loads(line)
-                    value = item["value"]
                     if item["key"] == "header":
-                        commit.summary = value["summary"]
+                        header = item["value"]
                     elif item["key"] == "file":
-                        content = value["content"]
-                        commit.files[value["path"]] = (base64.b64decode(content) if value.get("encoding") == "base64"
-                                                       else content.encode())
-                    elif item["key"] in ("deletedFile", "deletedFolder"):
-                        commit.deleted.append(value["path"])
-                    else:
-                        hub.unknown.append(f"commit item {item['key']}")
-                commit.oid = hashlib.sha1(body).hexdigest()
+                        value = item["value"]
+                        files[value["path"]] = base64.b64decode(value["content"])
                 with hub.lock:
-                    if repo not in hub.repos:
-                        return self._reply(404, {"error": f"Repository {repo} not found"})
-                    hub.commits.append(commit)
-                return self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{commit.oid}", "commitOid": commit.oid,
+                    repo["files"].update(files)
+                    oid = hashlib.sha1(body).hexdigest()
+                    repo["commits"].append({"summary": header.get("summary"), "files": sorted(files), "oid": oid,
+                                            "revision": revision})
+                return self._reply(200, {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid,
                                          "pullRequestUrl": None})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> FakeHub:
+    def __enter__(self):
         self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc):
         self.server.shutdown()
-        self.server.server_close()
-
-    def commits_to(self, repo: str) -> list[Commit]:
-        return [c for c in self.commits if c.repo == repo]
-
-
-def use_fake_hub(monkeypatch, hub: FakeHub) -> None:
-    """Points huggingface_hub at `hub` for one test: HF_ENDPOINT, and offline mode off (tests/conftest.py turns
-    it on for the whole suite, and huggingface_hub reads it when imported)."""
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -4,12 +4,15 @@ transformers hands these to accelerate's data loaders and gradient-accumulation 
 data pipeline do not run through accelerate, so no key changes how xtrainer trains: a value other than the
 default is reported once at Trainer construction (xtrainer/args_support.py) with what to use instead.
 The object reads and serialises like transformers' AcceleratorConfig, so scripts and saved JSON keep working.
+One key does act: `gradient_accumulation_kwargs={"num_steps": N}` sets gradient_accumulation_steps (when that is
+left at 1), as transformers does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
 
@@ -36,8 +39,14 @@ class AcceleratorConfig:
         """None, a dict, a JSON file path or an AcceleratorConfig (also transformers' own) -> AcceleratorConfig."""
         if value is None:
             return cls()
+        if isinstance(value, type):
+            raise NotImplementedError(
+                "accelerator_config got a class, not an instance or a dict: pass AcceleratorConfig(...) or a dict."
+            )
         if isinstance(value, cls):
             return value
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
         if isinstance(value, dict):
             unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
             if unknown:

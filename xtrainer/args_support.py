@@ -71,11 +71,6 @@ def per_backend(torch, jax, torch_xla) -> dict[str, Any]:
     return {"torch": torch, "jax": jax, "torch_xla": torch_xla}
 
 
-def _hub(*tests: str) -> dict[str, Any]:
-    """Hub fields: the tests push to a local stand-in of the Hub (tests/fake_hub.py), parametrised over the backends."""
-    return everywhere(_acts(*(HUB + t for t in tests)))
-
-
 _NOT_ON_JAX_DDP = NoEffect("jax runs SPMD over the mesh without DDP; use mesh={'data': N}")
 _NOT_ON_XLA_DDP = NoEffect("torch_xla runs one SPMD process over the mesh; use mesh={'data': N}")
 _TORCH_ONLY_COMPILE_JAX = NoEffect("the jax step is always compiled by XLA; nothing to turn on")
@@ -233,11 +228,11 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "neftune_noise_alpha": everywhere(NoEffect("NEFTune embedding noise is not applied in this version")),
     "torch_empty_cache_steps": everywhere(NoEffect("the accelerator cache is not emptied in this version")),
     "skip_memory_metrics": per_backend(
-        torch=_acts(MEM + "test_memory_metrics_on_torch", note="RSS; the CUDA allocator on GPUs"),
-        jax=_acts(MEM + "test_memory_metrics_on_jax", note="RSS; the devices' memory_stats() where the runtime "
-                  "reports them (not JAX's CPU devices, said once)"),
-        torch_xla=_acts(MEM + "test_memory_metrics_on_torch_xla", note="RSS; xm.get_memory_info on TPUs (the PJRT "
-                        "CPU device reports none, said once)")),
+        torch=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the CUDA allocator's figures on GPUs"),
+        jax=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the devices' memory_stats() where the "
+                  "runtime reports them (JAX's CPU devices report none: RSS only)"),
+        torch_xla=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS only; the XLA devices' memory is not "
+                        "measured")),
     "use_liger_kernel": per_backend(
         torch=Refused("xtrainer does not patch models with Liger's Triton kernels in this version; train without it, "
                       "or apply liger_kernel.transformers to the model yourself before building the Trainer"),
@@ -270,14 +265,16 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "deepspeed": everywhere(Refused("xtrainer does not run DeepSpeed; use fsdp='full_shard' under torchrun (torch) or an "
                                     "fsdp mesh axis (jax, torch_xla)")),
     # ---- hub
-    "push_to_hub": _hub("test_push_to_hub_uploads_the_model_and_its_card", "test_unreachable_hub_fails_at_construction"),
-    "hub_token": _hub("test_repository_fields_reach_the_hub"),
-    "hub_private_repo": _hub("test_repository_fields_reach_the_hub"),
-    "hub_model_id": _hub("test_repository_fields_reach_the_hub"),
-    "hub_strategy": _hub("test_hub_strategy_every_save", "test_push_to_hub_uploads_the_model_and_its_card",
-                         "test_hub_strategy_checkpoints", "test_hub_strategy_end"),
-    "hub_always_push": _hub("test_hub_always_push"),
-    "hub_revision": _hub("test_repository_fields_reach_the_hub"),
+    "push_to_hub": per_backend(torch=_acts(HUB + "test_every_save_pushes_the_model_and_push_to_hub_adds_the_card"),
+                               jax=_acts(HUB + "test_jax_checkpoints_push_the_exported_model"),
+                               torch_xla=_acts(HUB + "test_every_save_pushes_the_model_and_push_to_hub_adds_the_card",
+                                               note="the torch backends share the upload path")),
+    "hub_token": everywhere(_acts(HUB + "test_every_save_pushes_the_model_and_push_to_hub_adds_the_card")),
+    "hub_private_repo": everywhere(_acts(HUB + "test_private_repo_revision_and_default_name")),
+    "hub_model_id": everywhere(_acts(HUB + "test_private_repo_revision_and_default_name")),
+    "hub_strategy": everywhere(_acts(HUB + "test_checkpoint_strategies")),
+    "hub_always_push": everywhere(_acts(HUB + "test_a_push_in_flight_skips_the_next_unless_hub_always_push")),
+    "hub_revision": everywhere(_acts(HUB + "test_private_repo_revision_and_default_name")),
     # ---- xtrainer's own fields
     "backend": everywhere(_acts("tests/unit/test_backend_selection.py::test_auto_selection")),
     "mesh": per_backend(torch=NoEffect("the torch backend runs one device per process; use torchrun for data parallelism "

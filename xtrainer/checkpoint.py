@@ -384,7 +384,8 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | 
         checkpoints = sorted_checkpoints(output_dir)
         if not checkpoints:
             raise ValueError(
-                f"resume_from_checkpoint=True but no checkpoint-N directory was found in output_dir={output_dir!r}."
+                f"No valid checkpoint found in output directory ({output_dir}): resume_from_checkpoint=True needs a "
+                "checkpoint-N directory there."
             )
         failures = []
         for path in reversed(checkpoints):
@@ -402,7 +403,8 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | 
         )
     path = os.fspath(resume_from_checkpoint)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"resume_from_checkpoint={path!r} does not exist (or is not a directory).")
+        raise FileNotFoundError(f"Can't find a valid checkpoint at {path}: resume_from_checkpoint={path!r} does not "
+                                "exist (or is not a directory).")
     if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
         raise ValueError(
             f"resume_from_checkpoint={path!r} is not a complete checkpoint: it has no {TRAINER_STATE_NAME}."

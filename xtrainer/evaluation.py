@@ -12,7 +12,7 @@ import numpy as np
 
 from . import data
 from .backends.base import EvalOutput
-from .compat.run_logs import log_evaluation_start
+from .compat.banner import log_evaluation_banner
 from .trainer_utils import EvalLoopOutput, EvalPrediction, denumpify_detensorize
 
 
@@ -59,7 +59,7 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     loss_only = prediction_loss_only if prediction_loss_only is not None else args.prediction_loss_only
     state = trainer._backend_state  # None before train(): the backend evaluates the model as it is
     batch_size = args.per_device_eval_batch_size * backend.local_batch_devices
-    log_evaluation_start(trainer, loader, description, batch_size)
+    log_evaluation_banner(trainer, loader, description, batch_size)
     include = set(args.include_for_metrics or [])
     keep_batches = not args.batch_eval_metrics or description == "Prediction"
     losses, preds, labels, inputs = (_HostAccumulator(backend.to_host) for _ in range(4))
@@ -84,6 +84,9 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
             weight_rows = batch_size if trainer.eval_loss_full_batch_weight else rows
             batch_losses = backend.repeat_scalar(out.loss, weight_rows)
             losses.add(batch_losses)
+        if trainer.preprocess_logits_for_metrics is not None or args.batch_eval_metrics:
+            # User code sees the model's own tensor type (torch tensors for a torch model trained through torchax).
+            logits, batch_labels = backend.metrics_view(logits), backend.metrics_view(batch_labels)
         if logits is not None and trainer.preprocess_logits_for_metrics is not None:
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         if keep_batches:

@@ -20,7 +20,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "torch": ("torch", "transformers"),
     "jax": ("jax", "flax", "optax", "orbax.checkpoint"),
     "xla": ("torch_xla", "torchax", "jax", "flax", "optax", "orbax.checkpoint"),
-    "hub": ("huggingface_hub",),
+    "hub": ("huggingface_hub", "transformers"),
     "plot": ("matplotlib",),
     "memory": ("psutil",),
     "tensorboard": ("tensorboard",),

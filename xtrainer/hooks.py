@@ -132,6 +132,12 @@ class TrainerHooks:
         return getattr(self._trainer, "loss_is_scaled_for_ga", None)
 
     @property
+    def label_smoothing_factor(self) -> float:
+        """The smoothing the default compute_loss applies (0 when the Trainer turned it off, e.g. multi-label)."""
+        smoother = getattr(self._trainer, "label_smoother", None)
+        return float(smoother.epsilon) if smoother is not None else 0.0
+
+    @property
     def current_gradient_accumulation_steps(self) -> int:
         """Micro-batches in the accumulation window being trained (fewer at the end of an epoch)."""
         return getattr(self._trainer, "current_gradient_accumulation_steps", 1) or 1

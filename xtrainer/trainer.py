@@ -29,10 +29,6 @@ from .args_support import report_unsupported
 from . import checkpoint_writer, data, preemption
 from .backends import get_backend, resolve_backend_name
 from .backends.base import EvalOutput
-from .compat import hub, memory_metrics, metrics_report, model_card, run_logs
-from .compat.accelerate_compat import AcceleratorView, end_distributed, tensor_parallel_size
-from .compat.flos import FlopsEstimator, sum_over_processes
-from .compat.parameters import count_parameters
 from .callbacks import (
     CallbackHandler,
     DefaultFlowCallback,
@@ -43,6 +39,11 @@ from .callbacks import (
     TrainerState,
     restore_callback_states,
 )
+from .compat import flops, hub, metrics_report
+from .compat.accelerator import AcceleratorView
+from .compat.banner import install_default_handler, log_training_banner
+from .compat.memory import MemoryTracker
+from .compat.resume_checks import warn_on_mismatched_arguments
 from .hooks import TrainerHooks
 from .loaders import DatasetLoader
 from .integrations import reporting_callbacks
@@ -106,7 +107,9 @@ class Trainer:
         # log_level on the main process, log_level_replica elsewhere, for xtrainer's loggers (as transformers
         # sets its own library's verbosity).
         logging.getLogger("xtrainer").setLevel(self.args.get_process_log_level())
-        run_logs.install_default_handler()  # INFO shows without a logging setup, as transformers' logs do
+        install_default_handler()  # log_level="info" shows without a logging setup, as transformers' logs do
+        # skip_memory_metrics=False: memory used by __init__, train, evaluate and predict (compat/memory.py).
+        self._memory_tracker = MemoryTracker(None, skip=self.args.skip_memory_metrics)
         set_seed(self.args.seed, deterministic=self.args.full_determinism)
         self.model_init = model_init
         if model is None:
@@ -128,9 +131,8 @@ class Trainer:
         self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
         self.label_names = self.args.label_names
         self.backend = get_backend(resolve_backend_name(self.args.backend, model))
-        # skip_memory_metrics=False: the *_mem_* metrics, from here (compat/memory_metrics.py).
-        self._memory_tracker = memory_metrics.build_memory_tracker(self.args.skip_memory_metrics, self.backend, self.args)
-        self._memory_tracker.start("init")
+        self._memory_tracker.backend = self.backend
+        self._memory_tracker.start("__init__")
         # The user's overrides reach the backend through this object; a backend that cannot honour
         # one refuses it here, in prepare, instead of training without it.
         self.hooks = TrainerHooks(self)
@@ -149,10 +151,6 @@ class Trainer:
         self._created_lr_scheduler = False
         self.label_names = self.args.label_names or self.backend.default_label_names()
         self._init_compat_attributes()
-        self.create_accelerator_and_postprocess()
-        self.current_flos = 0  # this process's FLOPs since the last store_flos (transformers' counter)
-        self._flops_estimator = FlopsEstimator()
-        self.hub_model_id, self.push_in_progress = None, None  # set by init_hf_repo / the pushes
         self._backend_state = None
         # Same order as transformers: flow control, report_to integrations, the user's callbacks, then progress.
         progress = PrinterCallback if self.args.disable_tqdm else ProgressCallback
@@ -167,10 +165,10 @@ class Trainer:
         )
         self.control = TrainerControl()
         self.is_in_train = False
-        if self.args.push_to_hub:  # an unreachable Hub fails here, before any training (compat/hub.py)
-            hub.init_hf_repo_or_fail(self)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
-        self._memory_tracker.stop_and_update_metrics("init")
+        if self.args.push_to_hub:  # the repository exists (or the Hub is unreachable) before any training
+            self.init_hf_repo()
+        self._memory_tracker.stop("__init__")
 
     # ------------------------------------------------------------------ small API
 
@@ -208,9 +206,19 @@ class Trainer:
         self.hp_name = None
         self.neftune_noise_alpha = getattr(self.args, "neftune_noise_alpha", None)
         self.label_smoother = make_label_smoother(self.args.label_smoothing_factor)
+        if self.label_smoother is not None and getattr(getattr(self.model, "config", None), "problem_type", None) == (
+            "multi_label_classification"
+        ):
+            warnings.warn("Label smoothing is not compatible with multi-label classification. Disabling label smoothing "
+                          "for this training run.", UserWarning, stacklevel=3)
+            self.label_smoother = None
         # Evaluation runs the whole eval set on every process, so results need no gathering.
         self.gather_function = _identity
         self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
+        self.current_flos = 0  # FLOPs counted since the last store_flos (compat/flops.py)
+        self.accelerator = AcceleratorView(self)  # what accelerate-based code reads (compat/accelerator.py)
+        self.hub_model_id = None  # set by init_hf_repo
+        self.push_in_progress = None
         self._train_batch_size = self.args.per_device_train_batch_size
         self._globalstep_last_logged = 0
 
@@ -286,6 +294,12 @@ class Trainer:
             dataset = self.eval_dataset[dataset]
         return self._loader(dataset, self.args.per_device_eval_batch_size, training=False)
 
+    def get_test_dataloader(self, test_dataset):
+        """The loader predict() runs over (the whole test set on every process, in order)."""
+        if test_dataset is None:
+            raise ValueError("Trainer.predict() needs a test_dataset.")
+        return self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False)
+
     # ------------------------------------------------------------------ training
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None) -> TrainOutput:
@@ -294,7 +308,6 @@ class Trainer:
         Args:
             resume_from_checkpoint: True for the newest checkpoint in output_dir, or a checkpoint path.
         """
-        self._memory_tracker.start("train")
         args = self.args
         if resume_from_checkpoint is None and args.resume_from_checkpoint:
             resume_from_checkpoint = args.resume_from_checkpoint
@@ -308,6 +321,7 @@ class Trainer:
             self.optimizer, self.lr_scheduler = None, None
             self.callback_handler.model = self.model
         self.is_in_train = True
+        self._memory_tracker.start("train")
         try:
             # With enable_jit_checkpoint, SIGTERM saves the step and exits 143; a dead peer process gives a
             # clear error; an asynchronous save in flight is settled (preemption.py).
@@ -315,7 +329,6 @@ class Trainer:
                 return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
             self.is_in_train, self._preemption = False, None
-            self._memory_tracker.stop("train")  # a train() that raised: end its sampling (a no-op otherwise)
 
     def get_total_train_batch_size(self, args) -> int:
         """Examples per optimizer step over every process: per-device batch x batch devices x accumulation."""
@@ -363,7 +376,7 @@ class Trainer:
     def _train_loop(self, resume_dir, trial, ignore_keys_for_eval) -> TrainOutput:
         args, backend = self.args, self.backend
         loader = self.get_train_dataloader()
-        (num_epochs, updates_per_epoch, num_examples, num_train_samples, total_train_batch_size, batches_per_epoch,
+        (num_epochs, updates_per_epoch, num_examples, num_train_samples, total_batch_size, batches_per_epoch,
          max_steps) = self.set_initial_training_values(args, loader)
         exportable = self.callback_handler.callbacks + [self.control]
         self.state = TrainerState(stateful_callbacks=[cb for cb in exportable if hasattr(cb, "state")])
@@ -373,11 +386,10 @@ class Trainer:
         self._prepare_optimizer_and_state(max_steps)
         epochs_done, skip_batches = 0, 0
         if resume_dir is not None:
-            fresh_state = self.state
             self.state = TrainerState.load_from_json(os.path.join(resume_dir, ckpt.TRAINER_STATE_NAME))
-            run_logs.warn_if_arguments_changed(args, fresh_state, self.state, backend.local_batch_devices)
             if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
                 self.state.best_model_checkpoint = None
+            warn_on_mismatched_arguments(args, self.state, backend.local_batch_devices)
             self._load_callback_state()
             self._resume_backend_state(resume_dir)
             epochs_done = self.state.global_step // updates_per_epoch
@@ -394,11 +406,8 @@ class Trainer:
         self._tokens_at_start = self.state.num_input_tokens_seen
         self._throughput = ThroughputMeter(backend)  # tokens_per_second and mfu in the logs
         start_time = time.time()
-        run_logs.log_training_start(
-            self, num_examples=num_examples, num_epochs=num_epochs, updates_per_epoch=updates_per_epoch,
-            total_train_batch_size=total_train_batch_size, max_steps=max_steps,
-            trainable_parameters=self._trainable_parameters_or_none(), resumed=resume_dir is not None,
-            epochs_trained=epochs_done, batches_skipped=skip_batches)
+        log_training_banner(self, num_examples, num_epochs, updates_per_epoch, total_batch_size, max_steps,
+                            epochs_done if resume_dir is not None else None, skip_batches)
 
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         if args.eval_on_start:
@@ -470,6 +479,9 @@ class Trainer:
         that runs, so the window after the last step may be asked for too.
         """
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
+        if self.backend.looks_up_token_ids:
+            for batch in batch_samples:
+                data.check_token_ids(batch)
         if not batch_samples or not self._count_items:
             return batch_samples, None
         num_items = data.count_label_items(batch_samples, self._shift_labels)
@@ -500,7 +512,6 @@ class Trainer:
         events = StepEvents(self)
         for window, num_items, device_window in prefetch_one(windows, backend.shard_window):
             self._track_tokens(window)
-            self.current_flos += sum(float(self.floating_point_ops(batch)) for batch in window)
             self._throughput.add(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self.current_gradient_accumulation_steps = len(window)
@@ -508,6 +519,7 @@ class Trainer:
             step += len(window)
             grad_norm, learning_rate = metrics.grad_norm, metrics.learning_rate
             self._losses.add(metrics.loss, self.state.global_step - self._globalstep_last_logged)
+            self.current_flos += sum(float(self.floating_point_ops(batch)) for batch in window)
             self._nan.observe(metrics)
             self.state.global_step += 1
             self.state.epoch = epoch + (step + 1) / batches_per_epoch
@@ -550,9 +562,9 @@ class Trainer:
             if learning_rate is not None:
                 logs["learning_rate"] = learning_rate
             self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
             logs.update(self._throughput.report())
             self._nan.report(logs, self.backend.to_host)  # nan_policy: may raise, or log nan_skipped_steps
-            self.store_flos()
             self.log(logs, start_time)
         if self.control.should_evaluate:
             with self._throughput.paused():
@@ -590,7 +602,7 @@ class Trainer:
                     shutil.rmtree(path, ignore_errors=True)
         self.model = self.backend.finalize(self._backend_state)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
-        hub.finish_current_push(self)  # the last checkpoint's upload
+        hub.finish_current_push(self)  # checkpoint uploads still in flight
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     # ------------------------------------------------------------------ overridable hooks (transformers' names)
@@ -689,6 +701,78 @@ class Trainer:
         """(loss, logits, labels) for one evaluation batch; each may be None."""
         return self.backend.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
+    # ------------------------------------------------------------------ reports and counters (compat/)
+
+    @staticmethod
+    def metrics_format(metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics made readable for log_metrics (memory in MB, runtimes as clock time, FLOPs in GF)."""
+        return metrics_report.metrics_format(metrics)
+
+    def log_metrics(self, split: str, metrics: dict) -> None:
+        """Prints a `***** {split} metrics *****` table (main process)."""
+        metrics_report.log_metrics(self, split, metrics)
+
+    def save_metrics(self, split: str, metrics: dict, combined: bool = True) -> None:
+        """Writes {split}_results.json (and merges all_results.json) into output_dir (main process)."""
+        metrics_report.save_metrics(self, split, metrics, combined)
+
+    def get_num_trainable_parameters(self) -> int:
+        return self.backend.num_trainable_parameters()
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """FLOPs of forward + backward on one micro-batch (6 x tokens x parameters; 0 when the model cannot
+        count its parameters). Override for other models."""
+        return flops.floating_point_ops(self.model, inputs)
+
+    def store_flos(self) -> None:
+        """Adds the FLOPs counted since the last call to state.total_flos (summed over processes)."""
+        flops.store_flos(self)
+
+    def get_sp_size(self) -> int:
+        """Sequence-parallel degree: 1 (xtrainer's mesh has data, fsdp and tensor axes)."""
+        return 1
+
+    def get_cp_size(self) -> int:
+        """Context-parallel degree: 1 (xtrainer's mesh has data, fsdp and tensor axes)."""
+        return 1
+
+    def get_tp_size(self) -> int:
+        """Tensor-parallel degree: the mesh's tensor axis (jax, torch_xla), else 1."""
+        return int(getattr(getattr(self.backend, "mesh_config", None), "tensor", 1) or 1)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """transformers builds its accelerate Accelerator here; xtrainer has none (trainer.accelerator answers
+        what accelerate-based code reads), so there is nothing to create."""
+        raise NotImplementedError(
+            "create_accelerator_and_postprocess: xtrainer does not run accelerate; its backend is chosen and prepared "
+            "in Trainer.__init__ (see trainer.backend and trainer.accelerator)."
+        )
+
+    # ------------------------------------------------------------------ the Hub (compat/hub.py)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Creates (or reuses) the Hub repository args.hub_model_id (default: output_dir's name)."""
+        hub.init_hf_repo(self, token=token, private=private)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None) -> None:
+        """Writes output_dir/README.md with the run's hyperparameters and results."""
+        hub.create_model_card(self, language=language, license=license, tags=tags, model_name=model_name,
+                              finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+                              dataset_args=dataset_args)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Saves the model and its card and uploads output_dir to the Hub repository."""
+        return hub.push_to_hub(self, commit_message=commit_message, blocking=blocking, token=token, revision=revision,
+                               private=private, **kwargs)
+
+    def end(self) -> None:
+        """Ends the run's process group, as transformers' end() does (call once, at the end of a script)."""
+        ending = getattr(self.backend, "end", None)
+        if callable(ending):
+            ending()
+
     # ------------------------------------------------------------------ logging, best model, checkpoints
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -731,10 +815,9 @@ class Trainer:
         """Writes checkpoint-{global_step}/ on every process, published only when complete everywhere (or, with
         async_checkpointing, finished in the background), then rotates old checkpoints."""
         args, backend = self.args, self.backend
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
         run_dir = args.output_dir
         step = self._last_saved_step = self.state.global_step
+        self.store_flos()  # total_flos in the checkpoint's trainer_state.json is up to date
         if self.state.best_global_step:
             best = os.path.join(run_dir, ckpt.checkpoint_dir_name(self.state.best_global_step))
             if self.state.best_global_step == step or os.path.isdir(best):
@@ -747,7 +830,8 @@ class Trainer:
 
         writer = checkpoint_writer.writer_for(self)
         write_model_files, in_background = None, False
-        if not backend.weights_restored_with_state or self.hooks.overrides("_save"):
+        pushes_model = args.push_to_hub and hub.HubStrategy(args.hub_strategy) != hub.HubStrategy.END
+        if backend.model_files_in_checkpoints or self.hooks.overrides("_save") or pushes_model:
             # The model files go through the overridable _save, as in transformers. The weights are gathered now
             # (collective under FSDP); a save that finishes in the background gets a host copy and writes later.
             in_background = writer.asynchronous and not backend.weights_restored_with_state
@@ -757,13 +841,16 @@ class Trainer:
                     self._save(tmp, state_dict=state_dict)
 
         best_now = self.state.best_model_checkpoint
-        push = hub.prepare_checkpoint_push(self)  # hub_strategy: uploads once the checkpoint is published
+
+        def after_publish() -> None:  # the main process, once checkpoint-N/ is complete
+            if args.push_to_hub:
+                hub.push_from_checkpoint(self, os.path.join(run_dir, ckpt.checkpoint_dir_name(step)))
+            ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now)
+
         # Every process's part, the agreement on the outcome, atomic publication (checkpoint_writer.py).
         writer.save(
             step, self._backend_state, save_only_model=args.save_only_model, write_front_files=write_front_files,
-            write_model_files=write_model_files, model_files_in_background=in_background,
-            after_publish=lambda: (push and push(os.path.join(run_dir, ckpt.checkpoint_dir_name(step))),
-                                   ckpt.rotate_checkpoints(run_dir, args.save_total_limit, best_now)),
+            write_model_files=write_model_files, model_files_in_background=in_background, after_publish=after_publish,
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -778,7 +865,7 @@ class Trainer:
         state_dict = self.backend.model_state_for_save(self._backend_state)
         if self.args.should_save:  # the main process (of each node with save_on_each_node)
             self._save(output_dir, state_dict=state_dict)
-        if self.args.push_to_hub and not _internal_call:  # the user's save_model pushes, as in transformers
+        if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -818,7 +905,7 @@ class Trainer:
             for name, part in dataset.items():
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        self._memory_tracker.start("eval")
+        self._memory_tracker.start("evaluate")
         loader = self.get_eval_dataloader(dataset)
         start = time.time()
         output = self.evaluation_loop(
@@ -832,13 +919,13 @@ class Trainer:
         )
         self.log(output.metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=output.metrics)
-        self._memory_tracker.stop_and_update_metrics("eval", output.metrics)
+        self._memory_tracker.stop_and_update_metrics("evaluate", output.metrics)
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Runs prediction; returns PredictionOutput(predictions, label_ids, metrics)."""
-        self._memory_tracker.start("test")
-        loader = self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False)
+        self._memory_tracker.start("predict")
+        loader = self.get_test_dataloader(test_dataset)
         start = time.time()
         output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         total_batch = self.args.per_device_eval_batch_size * self.backend.local_batch_devices
@@ -847,7 +934,7 @@ class Trainer:
                           num_steps=math.ceil(output.num_samples / total_batch))
         )
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, metrics=output.metrics)
-        self._memory_tracker.stop_and_update_metrics("test", output.metrics)
+        self._memory_tracker.stop_and_update_metrics("predict", output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval") -> EvalLoopOutput:
@@ -855,110 +942,6 @@ class Trainer:
         from .evaluation import run_evaluation
 
         return run_evaluation(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-
-    # ------------------------------------------------------------------ reports, model card, Hub, FLOPs, accelerate
-    # transformers' members that are not the loop; the work is done in xtrainer/compat/.
-
-    metrics_format = metrics_report.unbound(metrics_report.metrics_format)
-
-    def log_metrics(self, split, metrics):
-        """Prints `metrics` as transformers does: "***** {split} metrics *****" and aligned, formatted lines
-        (see metrics_format), on the world's main process only."""
-        if self.is_world_process_zero():
-            print(metrics_report.format_metrics_table(split, metrics))
-
-    def save_metrics(self, split, metrics, combined=True):
-        """Writes `{split}_results.json` into output_dir and, with `combined`, merges the metrics into
-        `all_results.json` (main process only)."""
-        if self.is_world_process_zero():
-            metrics_report.save_metrics_files(self.args.output_dir, split, metrics, combined)
-
-    def create_model_card(self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
-                          model_name: str | None = None, finetuned_from: str | None = None,
-                          tasks: str | list[str] | None = None, dataset_tags: str | list[str] | None = None,
-                          dataset: str | list[str] | None = None, dataset_args: str | list[str] | None = None) -> None:
-        """Writes output_dir/README.md: transformers' model card draft, with the training hyperparameters and
-        the evaluation results of `state.log_history` (compat/model_card.py)."""
-        if self.is_world_process_zero():
-            model_card.write_model_card(self, language=language, license=license, tags=tags, model_name=model_name,
-                                        finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags,
-                                        dataset=dataset, dataset_args=dataset_args)
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """Creates the Hub repository `hub_model_id` (default: output_dir's name) if needed; sets self.hub_model_id."""
-        hub.init_hf_repo(self, token=token, private=private)
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
-                    revision: str | None = None, private: bool | None = None, **kwargs):
-        """Saves the model, writes the model card and uploads output_dir to the Hub (compat/hub.py).
-
-        Returns huggingface_hub's CommitInfo, or a Future of it with blocking=False; kwargs go to
-        create_model_card.
-        """
-        return hub.push_to_hub(self, commit_message=commit_message, blocking=blocking, token=token,
-                               revision=revision, private=private, **kwargs)
-
-    @staticmethod
-    def num_tokens(train_dl, max_steps: int | None = None) -> int:
-        """Tokens (`input_ids` elements) in a loader, by iterating it; with `max_steps`, the first batch's count
-        times max_steps (transformers 4's helper)."""
-        loader_epoch = getattr(train_dl, "epoch", None)
-        batches = loader_epoch(0) if callable(loader_epoch) else train_dl
-        total = 0
-        for batch in batches:
-            if "input_ids" not in batch:
-                logger.warning("Cannot get num_tokens from dataloader: its batches have no input_ids.")
-                return total
-            tokens = int(np.size(batch["input_ids"]))
-            if max_steps is not None:
-                return tokens * max_steps
-            total += tokens
-        return total
-
-    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """FLOPs of one forward and backward pass on `inputs` (one host micro-batch of numpy arrays), added to
-        `current_flos` for every micro-batch: 6 x tokens of the main input x non-embedding parameters, as in
-        transformers. Override it for another estimate."""
-        return self._flops_estimator(self.model, inputs)
-
-    def store_flos(self) -> None:
-        """Moves `current_flos` (summed over the data-parallel processes) into `state.total_flos`."""
-        self.state.total_flos += sum_over_processes(self.current_flos, self.backend)
-        self.current_flos = 0
-
-    def get_num_trainable_parameters(self) -> int:
-        """Parameters that training updates (torch: requires_grad; JAX models: all their parameters)."""
-        return count_parameters(self.model, trainable_only=True)
-
-    def _trainable_parameters_or_none(self) -> int | None:
-        try:
-            return self.get_num_trainable_parameters()
-        except TypeError:  # a model kind that cannot be counted: the banner leaves the line out
-            return None
-
-    def get_cp_size(self) -> int:
-        """Context-parallel size: 1 (xtrainer has no context parallelism; shard sequences yourself)."""
-        return 1
-
-    def get_sp_size(self) -> int:
-        """Sequence-parallel size: 1 (xtrainer has no DeepSpeed Ulysses / ALST sequence parallelism)."""
-        return 1
-
-    def get_tp_size(self) -> int:
-        """Tensor-parallel size: the model's `_tp_size`, else the mesh's `tensor` axis (jax, torch_xla), else 1."""
-        return tensor_parallel_size(self)
-
-    def create_accelerator_and_postprocess(self) -> None:
-        """Sets `self.accelerator` (an AcceleratorView: xtrainer runs no accelerate Accelerator, see
-        compat/accelerate_compat.py) and the flags transformers sets here."""
-        self.accelerator = AcceleratorView(self)
-        self.gather_function = self.accelerator.gather_for_metrics
-        self.is_deepspeed_enabled = False  # DeepSpeed does not run in xtrainer (args.deepspeed is refused)
-
-    def end(self) -> None:
-        """Ends the distributed runtime (torch.distributed's process group, jax.distributed); call it once at the
-        very end of a script, after everything that talks to the other processes."""
-        end_distributed()
 
 
 def _apply_use_cache(model, use_cache: bool) -> None:

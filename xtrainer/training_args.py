@@ -387,6 +387,14 @@ class TrainingArguments(TrainingArgumentsSetters):
             self.debug = [DebugOption(s) for s in self.debug]
         self.hub_strategy = _to_enum(HubStrategy, self.hub_strategy, "hub_strategy")
         self.accelerator_config = AcceleratorConfig.from_value(self.accelerator_config)
+        steps = (self.accelerator_config.gradient_accumulation_kwargs or {}).get("num_steps")
+        if steps is not None:  # transformers lets accelerate's kwargs set the accumulation
+            if self.gradient_accumulation_steps > 1:
+                raise ValueError(
+                    "accelerator_config's gradient_accumulation_kwargs sets num_steps and gradient_accumulation_steps is "
+                    "greater than 1: set only one of them."
+                )
+            self.gradient_accumulation_steps = int(steps)
         if self.torch_empty_cache_steps is not None and not (
             isinstance(self.torch_empty_cache_steps, int) and not isinstance(self.torch_empty_cache_steps, bool)
             and self.torch_empty_cache_steps > 0

@@ -277,7 +277,7 @@ def _trial(server, trial_dir, plan, cache_dir, backend, reference, ref_weights) 
             log = f.read()
         if not outcome["complete"]:  # killed before the first checkpoint was published
             outcome["no_checkpoint"] = True
-            if code == 0 or "no checkpoint-N directory was found" not in log:
+            if code == 0 or "No valid checkpoint found in output directory" not in log:
                 return outcome, [f"with no complete checkpoint, resume gave exit {code} instead of a clear error"]
             return outcome, [] if plan["kind"] == "early" else ["no checkpoint was published before the kill"]
         if plan["kind"] == "early":

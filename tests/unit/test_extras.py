@@ -103,3 +103,55 @@ def test_hyperparameter_search_without_optuna(monkeypatch, tmp_path):
         with pytest.raises(MissingExtraError) as info:
             trainer.hyperparameter_search(backend=backend, n_trials=1)
         _one_line(str(info.value), "optuna")
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_every_extra_the_readme_names_is_declared():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        declared = set(tomllib.load(f)["project"]["optional-dependencies"])
+    readme = _readme()
+    named = set()
+    for group in re.findall(r"xtrainer\[([a-z_,]+)\]", readme):  # pip install 'xtrainer[torch,jax]'
+        named.update(group.split(","))
+    named.update(re.findall(r"extra `([a-z_]+)`", readme))  # "(extra `plot`)"
+    named.update(re.findall(r"the `([a-z_]+)` extra", readme))
+    rows = readme.split("| extra | installs | for |")[1].split("\n\n")[0]  # the extras table
+    table = set(re.findall(r"^\| `([a-z_]+)`", rows, flags=re.M))
+    table.update(re.findall(r"^\| `[a-z_]+`, `([a-z_]+)`", rows, flags=re.M))
+    assert named and named <= declared, named - declared
+    assert table == declared - {"dev"}, table ^ (declared - {"dev"})
+
+
+HIDDEN = ("torch", "jax", "jaxlib", "flax", "optax", "orbax", "torch_xla", "torchax", "transformers", "huggingface_hub",
+          "matplotlib", "psutil", "tensorboard", "wandb", "optuna", "accelerate", "datasets")
+
+
+def test_the_readme_commands_on_a_core_install(tmp_path):
+    """Every `xtrainer <command>` in the README runs with only the core dependencies (the optional libraries
+    hidden in a fresh process), or stops with one line naming its extra."""
+    import subprocess
+
+    (tmp_path / "trainer_state.json").write_text('{"log_history": [{"loss": 1.0, "step": 1}]}')
+    commands = sorted(set(re.findall(r"`xtrainer ([a-z]+)", _readme())))
+    assert "plot" in commands and "info" in commands
+    import argparse
+
+    parser_commands = {name for action in cli.build_parser()._actions
+                       if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+    assert set(commands) <= parser_commands, set(commands) - parser_commands
+    script = ("import sys\nfor m in %r: sys.modules[m] = None\nfrom xtrainer.cli import main\nsys.exit(main(sys.argv[1:]))"
+              % (HIDDEN,))
+    expected = {"info": (0, None), "plot": (1, "plot")}
+    for command in commands:
+        argv = [command] + ([str(tmp_path)] if command == "plot" else [])
+        done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+        code, extra = expected[command]
+        assert done.returncode == code, (command, done.stderr[-2000:])
+        if extra is not None:
+            assert done.stderr.count("\n") == 1, done.stderr
+            _one_line(done.stderr.strip(), extra)

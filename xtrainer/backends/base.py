@@ -82,6 +82,8 @@ class Backend(Protocol):
     #: separate model files and `restore` brings the weights back; False: the Trainer's `_save` and
     #: `_load_from_checkpoint` write and read the model files, `save`/`restore` the rest.
     weights_restored_with_state: bool
+    #: whether every checkpoint also gets the model files (transformers' layout) through the Trainer's `_save`
+    model_files_in_checkpoints: bool
 
     def prepare(self, model: Any, args: Any, *, hooks: Any) -> Any:
         """Places the model on devices; returns the model object the Trainer exposes as `trainer.model`.
@@ -220,11 +222,6 @@ class Backend(Protocol):
 
     def barrier(self) -> None:
         """Waits for every process (no-op on one process)."""
-
-    def memory_probe(self, args: Any) -> Any:
-        """What reads this backend's accelerator memory for skip_memory_metrics=False (a
-        compat.memory_metrics.MemoryProbe), or None when the run has no accelerator. Called before
-        `prepare`; the probe must not start a device runtime before `prepare` does."""
 
     def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         """Whether to save `step` and stop for a preemption (SIGTERM); called after every optimizer step,

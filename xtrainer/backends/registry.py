@@ -84,8 +84,8 @@ def resolve_backend_name(requested: str, model: Any) -> str:
         missing = [d for d in deps if not _importable(d)]
         if missing:
             raise ValueError(
-                f"backend={requested!r} needs {', '.join(missing)}, which is not installed: "
-                f"pip install 'xtrainer[{_EXTRAS[requested]}]'."
+                f"backend={requested!r} needs {', '.join(missing)}, {'which is' if len(missing) == 1 else 'which are'} "
+                f"not installed: pip install 'xtrainer[{_EXTRAS[requested]}]'."
             )
         return requested
     kind = model_kind(model)

@@ -90,7 +90,8 @@ def get_reporting_integration_callbacks(report_to) -> list[type]:
         module_name, class_name, needs = _INTEGRATIONS[name]
         missing = [p for p in needs if not _installed(p)]
         if missing:
-            raise MissingExtraError(f"report_to={name!r} needs {', '.join(missing)}, which is not installed: "
+            raise MissingExtraError(f"report_to={name!r} needs {', '.join(missing)}, "
+                                    f"{'which is' if len(missing) == 1 else 'which are'} not installed: "
                                     f"{install_hint(missing[0])} (or drop {name!r} from report_to)")
         callbacks.append(getattr(importlib.import_module(module_name), class_name))
     return callbacks

@@ -173,6 +173,17 @@ class JaxBackend:
     can_return_loss = False
 
     @property
+    def looks_up_token_ids(self) -> bool:
+        """Whether input_ids feed an embedding lookup: a torch model's input embeddings (torchax), or a model
+        taking input_ids (Flax models index their embedding tables with them)."""
+        if self.adapter.kind == "torchax":
+            from ..torch.backend import _has_input_embeddings
+
+            return _has_input_embeddings(self.model)
+        names = self.adapter.input_names
+        return names is not None and "input_ids" in names
+
+    @property
     def is_fsdp_enabled(self) -> bool:
         return self.mesh_config.fsdp > 1
 
@@ -275,6 +286,14 @@ class JaxBackend:
             return float(self.args.learning_rate)
         scale = self._plateau.multiplier if self._plateau is not None else 1.0
         return float(schedule(step)) * float(scale)
+
+    def num_trainable_parameters(self) -> int:
+        return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(self.params)))
+
+    def end(self) -> None:
+        """Leaves jax.distributed (transformers' Trainer.end ends its process group)."""
+        if self.num_processes > 1:
+            jax.distributed.shutdown()
 
     def learning_rates(self, optimizer) -> list[float]:
         return [self._learning_rate_at(self._host_step)]
@@ -467,6 +486,16 @@ class JaxBackend:
     def trim_padding(self, output, batch):
         return output  # evaluation batches are never padded here
 
+    def metrics_view(self, tree: Any) -> Any:
+        """Eval outputs as preprocess_logits_for_metrics / batch_eval_metrics receive them: jax arrays for Flax
+        models; CPU torch tensors for a torch model (its metrics code is torch code)."""
+        if self.adapter.user_is_jax or tree is None:
+            return tree
+        import torch
+
+        tree = self.adapter.from_user(tree) if _holds_torch(tree) else tree
+        return jax.tree.map(lambda x: torch.from_numpy(np.asarray(jax.device_get(x))), tree)
+
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None, count_items: bool = True):
         """The Trainer's default prediction_step: the compiled eval step on the model's bound parameters."""
         if not isinstance(model, BoundModel):
@@ -519,8 +548,8 @@ class JaxBackend:
         return flops.peak_flops(self.mesh.devices.flat)
 
     def to_host(self, tree: Any) -> Any:
-        if not self.adapter.user_is_jax:  # a user's prediction_step may return torch (torchax) tensors
-            tree = self.adapter.from_user(tree) if _holds_torch(tree) else tree
+        if not self.adapter.user_is_jax and _holds_torch(tree):  # torch tensors from a user's torch code
+            tree = jax.tree.map(_torch_to_host, tree, is_leaf=lambda x: type(x).__module__.startswith("torch"))
         return jax.device_get(tree)
 
     def repeat_scalar(self, value, times: int):
@@ -543,6 +572,12 @@ class JaxBackend:
 
     #: One orbax state holds the weights with the optimizer state; a checkpoint has no separate model files.
     weights_restored_with_state = True
+
+    @property
+    def model_files_in_checkpoints(self) -> bool:
+        """A torch model (through torchax) also gets its model files in every checkpoint, as transformers writes
+        them (model.safetensors, config.json); a Flax model's weights are in the orbax state only."""
+        return self.adapter.kind == "torchax"
 
     def save(self, state, directory: str, *, save_only_model: bool = False) -> None:
         self.save_async(state, directory, save_only_model=save_only_model)()
@@ -637,16 +672,23 @@ class JaxBackend:
             return bool(multihost_utils.reached_preemption_sync_point(step + 1 if final else step))
         return local_flag
 
-    def memory_probe(self, args):
-        from ...compat.memory_metrics import JaxMemoryProbe
-
-        return JaxMemoryProbe()
-
     def barrier(self) -> None:
         if self.num_processes > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("xtrainer")
+
+
+def _torch_to_host(x):
+    """A torch tensor (a torchax view of a jax array, or an ordinary CPU tensor) as a host array."""
+    if not type(x).__module__.startswith("torch"):
+        return x
+    try:
+        from torchax import interop
+
+        return np.asarray(jax.device_get(interop.jax_view(x)))
+    except Exception:  # an ordinary torch tensor
+        return x.detach().cpu().numpy()
 
 
 def _holds_torch(tree) -> bool:

@@ -167,6 +167,11 @@ class TorchBackend:
         return self.accepts_loss_kwargs
 
     @property
+    def looks_up_token_ids(self) -> bool:
+        """Whether input_ids feed an embedding lookup (a transformers model's input embeddings)."""
+        return _has_input_embeddings(self.model)
+
+    @property
     def can_return_loss(self) -> bool:
         return _can_return_loss(self.model)
 
@@ -269,7 +274,7 @@ class TorchBackend:
     def compute_loss(self, model, inputs: Mapping, return_outputs: bool = False, num_items_in_batch=None):
         """The Trainer's default compute_loss: the model's own loss, compute_loss_func, or label smoothing."""
         inputs = dict(inputs)
-        smoothing = self.args.label_smoothing_factor
+        smoothing = self.hooks.label_smoothing_factor
         compute_loss_func = self.hooks.compute_loss_func
         # A user loss or label smoothing takes the labels away from the model (as in HF).
         takes_labels = (compute_loss_func is not None or smoothing) and "labels" in inputs
@@ -377,6 +382,10 @@ class TorchBackend:
     def eval_inputs(self, batch: dict) -> dict:
         return batch
 
+    def metrics_view(self, tree: Any) -> Any:
+        """Eval outputs as preprocess_logits_for_metrics / batch_eval_metrics receive them (torch tensors)."""
+        return tree
+
     def trim_padding(self, output: tuple, inputs: Any) -> tuple:
         """prediction_step output without rows the backend added (none on torch)."""
         return output
@@ -481,6 +490,8 @@ class TorchBackend:
 
     #: The model weights live in their own files (model.safetensors), written through the Trainer's `_save`.
     weights_restored_with_state = False
+    #: Checkpoints hold the model files (transformers' layout), written through the Trainer's `_save`.
+    model_files_in_checkpoints = True
 
     def model_state_for_save(self, state, copy: bool = False) -> dict | None:
         """Full weights gathered for writing (collective under FSDP); None when the model holds them whole.
@@ -529,6 +540,16 @@ class TorchBackend:
         """Writes the model's files (main process; `state_dict` from model_state_for_save when sharded)."""
         state_io.write_model_weights(self.model, directory, state_dict)
 
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def end(self) -> None:
+        """Destroys the process group this run joined (transformers' Trainer.end)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # torchrun's, or one the script set up itself
+            dist.destroy_process_group()
+
     def learning_rates(self, optimizer) -> list[float]:
         return [group["lr"] for group in optimizer.param_groups]
 
@@ -544,13 +565,6 @@ class TorchBackend:
 
     def barrier(self) -> None:
         distributed.barrier(self.dist)
-
-    def memory_probe(self, args):
-        if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
-            return None
-        from ...compat.memory_metrics import CudaMemoryProbe
-
-        return CudaMemoryProbe(torch.device("cuda", args.local_process_index))  # the device prepare picks
 
     def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         # Several processes: they agree through a non-blocking all-reduce of the flag on a gloo
@@ -599,6 +613,14 @@ def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: b
     smoothed = log_probs.sum(dim=-1, keepdim=True, dtype=torch.float32).masked_fill(padding, 0.0)
     active = num_items if num_items is not None else padding.numel() - padding.long().sum()
     return (1 - epsilon) * nll.sum() / active + epsilon * smoothed.sum() / (active * log_probs.shape[-1])
+
+
+def _has_input_embeddings(model) -> bool:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return callable(getter) and isinstance(getter(), nn.Embedding)
+    except Exception:  # a model whose getter is not implemented
+        return False
 
 
 def _can_return_loss(model: nn.Module) -> bool:

@@ -182,6 +182,20 @@ def _mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], directory: 
     )
 
 
+def _loads_its_own_way(model: nn.Module) -> bool:
+    return getattr(type(model), "load_state_dict", None) is not nn.Module.load_state_dict
+
+
+def _report_incompatible_keys(result, directory: str) -> None:
+    missing = list(getattr(result, "missing_keys", []) or [])
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if missing or unexpected:
+        logger.warning(
+            "Loading %s with the model's own load_state_dict left missing keys %s and unexpected keys %s.",
+            directory, missing[:5], unexpected[:5],
+        )
+
+
 def load_model_weights(model: nn.Module, directory: str, info, *, allow_unsafe: bool = False) -> None:
     """Loads weights into the model, with a clear error when they belong to another model.
 
@@ -193,6 +207,12 @@ def load_model_weights(model: nn.Module, directory: str, info, *, allow_unsafe: 
     """
     if not info.sharded:
         state_dict = read_weights(directory, allow_unsafe=allow_unsafe)
+        if _loads_its_own_way(model):
+            # A model class with its own load_state_dict (a buffer that grows, renamed keys) decides
+            # what fits, as transformers lets it; what it leaves out is still reported.
+            result = model.load_state_dict(state_dict, False)
+            _report_incompatible_keys(result, directory)
+            return
         problem = _mismatch(model, state_dict, directory)
         if problem:
             raise ValueError(problem)

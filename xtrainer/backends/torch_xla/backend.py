@@ -524,11 +524,6 @@ class TorchXlaBackend(TorchBackend):
     def barrier(self) -> None:
         return None
 
-    def memory_probe(self, args):
-        from ...compat.memory_metrics import XlaMemoryProbe
-
-        return XlaMemoryProbe(lambda: getattr(self, "device", None))  # None until prepare placed the model
-
     def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         return local_flag  # one process (multi-process runs are refused in prepare)
 
