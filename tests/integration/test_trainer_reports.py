@@ -94,7 +94,8 @@ def test_the_default_handler_prints_only_while_logging_is_not_configured(monkeyp
     assert len(handlers) == 1
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)  # it writes to the current sys.stderr
-    record = logging.LogRecord("xtrainer.trainer", logging.INFO, __file__, 1, "***** Running training *****", None, None)
+    record = logging.LogRecord("xtrainer.trainer", logging.INFO, __file__, 1, "***** Running training *****", None,
+                               None)
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
     handlers[0].handle(record)
     assert stream.getvalue() == "***** Running training *****\n"

@@ -3,8 +3,10 @@ missing (simulated by hiding the module: sys.modules[name] = None makes its impo
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import subprocess
 import sys
 import tomllib
 
@@ -98,7 +100,8 @@ def test_report_to_without_its_package(monkeypatch, tmp_path):
 
 def test_hyperparameter_search_without_optuna(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "optuna", None)
-    trainer = xtrainer.Trainer(model_init=lambda: RegressionModel(), args=_args(tmp_path), train_dataset=[{"input_x": 1.0, "labels": 1.0}])
+    trainer = xtrainer.Trainer(model_init=lambda: RegressionModel(), args=_args(tmp_path),
+                               train_dataset=[{"input_x": 1.0, "labels": 1.0}])
     for backend in (None, "optuna"):
         with pytest.raises(MissingExtraError) as info:
             trainer.hyperparameter_search(backend=backend, n_trials=1)
@@ -133,18 +136,14 @@ HIDDEN = ("torch", "jax", "jaxlib", "flax", "optax", "orbax", "torch_xla", "torc
 def test_the_readme_commands_on_a_core_install(tmp_path):
     """Every `xtrainer <command>` in the README runs with only the core dependencies (the optional libraries
     hidden in a fresh process), or stops with one line naming its extra."""
-    import subprocess
-
     (tmp_path / "trainer_state.json").write_text('{"log_history": [{"loss": 1.0, "step": 1}]}')
     commands = sorted(set(re.findall(r"`xtrainer ([a-z]+)", _readme())))
     assert "plot" in commands and "info" in commands
-    import argparse
-
     parser_commands = {name for action in cli.build_parser()._actions
                        if isinstance(action, argparse._SubParsersAction) for name in action.choices}
     assert set(commands) <= parser_commands, set(commands) - parser_commands
-    script = ("import sys\nfor m in %r: sys.modules[m] = None\nfrom xtrainer.cli import main\nsys.exit(main(sys.argv[1:]))"
-              % (HIDDEN,))
+    script = (f"import sys\nfor m in {HIDDEN!r}: sys.modules[m] = None\n"
+              "from xtrainer.cli import main\nsys.exit(main(sys.argv[1:]))")
     expected = {"info": (0, None), "plot": (1, "plot")}
     for command in commands:
         argv = [command] + ([str(tmp_path)] if command == "plot" else [])
