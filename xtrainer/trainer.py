@@ -737,7 +737,11 @@ class Trainer:
         return 1
 
     def get_tp_size(self) -> int:
-        """Tensor-parallel degree: the mesh's tensor axis (jax, torch_xla), else 1."""
+        """Tensor-parallel degree: the model's `_tp_size` (transformers' tensor-parallel loading records it), else
+        the mesh's tensor axis (jax, torch_xla), else 1."""
+        model_tp = getattr(self.model, "_tp_size", None)
+        if model_tp is not None:
+            return int(model_tp)
         return int(getattr(getattr(self.backend, "mesh_config", None), "tensor", 1) or 1)
 
     def create_accelerator_and_postprocess(self) -> None:

@@ -129,6 +129,8 @@ def test_accelerator_view_answers_what_libraries_read(tmp_path):
     with pytest.raises(NotImplementedError, match="does not run accelerate"):
         trainer.create_accelerator_and_postprocess()
     assert (trainer.get_sp_size(), trainer.get_cp_size(), trainer.get_tp_size()) == (1, 1, 1)
+    trainer.model._tp_size = 4  # transformers' tensor-parallel loading records its degree on the model
+    assert trainer.get_tp_size() == 4
 
 
 def test_model_card_for_torch_and_flax_models(tmp_path):
