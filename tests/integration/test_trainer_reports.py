@@ -8,6 +8,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 import xtrainer
 from helpers import RegressionModel, lm_data, regression_data, tiny_gpt2
@@ -124,6 +125,7 @@ def test_accelerator_view_answers_what_libraries_read(tmp_path):
     assert accelerator.is_main_process and accelerator.num_processes == 1 and accelerator.split_batches
     assert str(accelerator.device) == "cpu" and accelerator.gather(3) == 3
     assert accelerator.unwrap_model(trainer.model) is trainer.model
+    assert accelerator.unwrap_model(torch.nn.DataParallel(trainer.model)) is trainer.model
     with pytest.raises(AttributeError, match="does not run accelerate"):
         accelerator.state
     with pytest.raises(NotImplementedError, match="does not run accelerate"):
