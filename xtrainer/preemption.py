@@ -1,6 +1,8 @@
 """SIGTERM / preemption: finish the current step, save a checkpoint of it, and exit with code 143.
 
-During `Trainer.train()` a SIGTERM handler is installed (main thread only; the previous handler
+This is transformers' `enable_jit_checkpoint`: it runs only when that argument is True (it is off by
+default, as in transformers; then SIGTERM stops the process as usual). During `Trainer.train()` a
+SIGTERM handler is installed (main thread only; the previous handler
 is restored when train() returns or raises). The handler only sets a host flag: a signal can
 arrive in the middle of anything, so the work happens at a safe point, after an optimizer step.
 There the loop asks the backend `preemption_requested(step, flag)`, a host-only check (no device
@@ -88,8 +90,15 @@ class PreemptionWatcher:
 
 
 @contextlib.contextmanager
-def watch_sigterm(backend) -> Iterator[PreemptionWatcher]:
-    """Intercepts SIGTERM for the duration of the block (one train() call)."""
+def watch_sigterm(backend, enabled: bool = True) -> Iterator[PreemptionWatcher | None]:
+    """Intercepts SIGTERM for the duration of the block (one train() call).
+
+    With `enabled` False (TrainingArguments.enable_jit_checkpoint, off by default as in transformers)
+    SIGTERM keeps its usual meaning and the block gets None.
+    """
+    if not enabled:
+        yield None
+        return
     watcher = PreemptionWatcher()
     watcher.install(backend)
     try:

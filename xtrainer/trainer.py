@@ -23,7 +23,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
-from . import data, preemption
+from . import args_support, data, preemption
 from .backends import get_backend, resolve_backend_name
 from .callbacks import (
     CallbackHandler,
@@ -103,6 +103,7 @@ class Trainer:
             )
         check_eval_dataset(self.args, eval_dataset)
         self.backend = get_backend(resolve_backend_name(self.args.backend, model))
+        args_support.apply_to_run(self.args, self.backend.name, model)  # log levels, per-backend checks and warnings
         self.compute_loss_func = compute_loss_func
         self.model = self.backend.prepare(model, self.args, compute_loss_func=compute_loss_func)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -233,7 +234,7 @@ class Trainer:
             self.callback_handler.model = self.model
         self.is_in_train = True
         try:
-            with preemption.watch_sigterm(self.backend) as self._preemption:  # SIGTERM: save, then exit 143
+            with preemption.watch_sigterm(self.backend, args.enable_jit_checkpoint) as self._preemption:  # SIGTERM: save, exit 143
                 return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
             self.is_in_train, self._preemption = False, None
@@ -271,7 +272,8 @@ class Trainer:
             self.state = TrainerState.load_from_json(os.path.join(resume_dir, ckpt.TRAINER_STATE_NAME))
             if self.state.best_model_checkpoint and not os.path.isdir(self.state.best_model_checkpoint):
                 self.state.best_model_checkpoint = None
-            self.control = restore_callback_states(self.state, self.callback_handler, self.control)
+            if args.restore_callback_states_from_checkpoint:
+                self.control = restore_callback_states(self.state, self.callback_handler, self.control)
             self._backend_state = backend.restore(self._backend_state, resume_dir)
             epochs_done = self.state.global_step // updates_per_epoch
             if not args.ignore_data_skip:
@@ -409,7 +411,7 @@ class Trainer:
             logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
             ckpt.verify_for_load(self.state.best_model_checkpoint)
             self.backend.load_model_weights(self._backend_state, self.state.best_model_checkpoint)
-        if self.is_world_process_zero() and self.state.best_model_checkpoint and args.save_total_limit == 1:
+        if args.should_save and self.state.best_model_checkpoint and args.save_total_limit == 1:
             # With a limit of 1, only the best checkpoint survives the end of training (as in HF).
             for path in sorted_checkpoints(args.output_dir):
                 if os.path.normpath(path) != os.path.normpath(self.state.best_model_checkpoint):
@@ -460,7 +462,7 @@ class Trainer:
         args, backend = self.args, self.backend
         run_dir = args.output_dir
         step = self._last_saved_step = self.state.global_step
-        main = self.is_world_process_zero()
+        main = args.should_save  # process 0, or each node's first process with save_on_each_node
         with ckpt.atomic_checkpoint(run_dir, step, is_main=main, barrier=backend.barrier) as tmp:
             backend.save(self._backend_state, tmp, save_only_model=args.save_only_model)
             if self.state.best_global_step:
@@ -481,14 +483,14 @@ class Trainer:
             raise NotADirectoryError(f"Cannot save the model to {output_dir!r}: it exists and is a file.")
         os.makedirs(output_dir, exist_ok=True)
         self.backend.export_model(self._backend_state, output_dir)
-        if self.is_world_process_zero():
+        if self.args.should_save:
             if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
                 self.processing_class.save_pretrained(output_dir)
             ckpt.save_training_args(self.args, output_dir)
 
     def save_state(self) -> None:
         """Writes trainer_state.json into output_dir."""
-        if self.is_world_process_zero():
+        if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
             self.state.save_to_json(os.path.join(self.args.output_dir, ckpt.TRAINER_STATE_NAME))
 

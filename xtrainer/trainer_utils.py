@@ -76,6 +76,27 @@ class TrainSamplingStrategy(ExplicitEnum):
     GROUP_BY_LENGTH = "group_by_length"
 
 
+class HubStrategy(ExplicitEnum):
+    """What `push_to_hub` uploads and when (`TrainingArguments.hub_strategy`)."""
+
+    END = "end"
+    EVERY_SAVE = "every_save"
+    CHECKPOINT = "checkpoint"
+    ALL_CHECKPOINTS = "all_checkpoints"
+
+
+class FSDPOption(ExplicitEnum):
+    """The words `TrainingArguments.fsdp` accepts (a space-separated string or a list of them)."""
+
+    FULL_SHARD = "full_shard"
+    SHARD_GRAD_OP = "shard_grad_op"
+    NO_SHARD = "no_shard"
+    HYBRID_SHARD = "hybrid_shard"
+    HYBRID_SHARD_ZERO2 = "hybrid_shard_zero2"
+    OFFLOAD = "offload"
+    AUTO_WRAP = "auto_wrap"
+
+
 class EvalPrediction:
     """Predictions, label ids and (optionally) inputs of an evaluation, as handed to `compute_metrics`.
 

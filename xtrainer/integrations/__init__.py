@@ -7,9 +7,10 @@ Each integration is a `TrainerCallback` in its own module, imported only when it
 | `tensorboard` | `TensorBoardCallback` | TensorBoard event files under `output_dir/runs/...`        |
 | `jsonl`       | `JsonlCallback`       | `output_dir/log_history.jsonl`, one JSON object per log    |
 | `wandb`       | `WandbCallback`       | a Weights & Biases run (honours `WANDB_MODE=offline`)      |
+| `kubeflow`    | `KubeflowCallback`    | progress posts to a Kubeflow TrainJob's controller         |
 
 `report_to="all"` means every installed one, `"none"` / `None` / `[]` nothing (transformers'
-default is `"none"`, and so is ours).
+default is `"none"`, and so is ours). Inside a Kubeflow TrainJob, "kubeflow" is added by itself.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _INTEGRATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tensorboard": ("xtrainer.integrations.tensorboard", "TensorBoardCallback", ("tensorboard",)),
     "jsonl": ("xtrainer.integrations.jsonl", "JsonlCallback", ()),
     "wandb": ("xtrainer.integrations.wandb", "WandbCallback", ("wandb",)),
+    "kubeflow": ("xtrainer.integrations.kubeflow", "KubeflowCallback", ()),
 }
 
 
@@ -37,9 +39,22 @@ def integration_names() -> list[str]:
     return list(_INTEGRATIONS)
 
 
+def kubeflow_requested() -> bool:
+    """Whether this process runs in a Kubeflow TrainJob that wants progress reports (report_to gains "kubeflow")."""
+    from .kubeflow import requested
+
+    return requested()
+
+
 def available_integrations() -> list[str]:
-    """The integrations whose packages are installed here (what report_to="all" reports to)."""
-    return [name for name, (_, _, needs) in _INTEGRATIONS.items() if all(_installed(p) for p in needs)]
+    """The integrations whose packages are installed here (what report_to="all" reports to).
+
+    "kubeflow" needs no package but a TrainJob: it counts only inside one.
+    """
+    return [
+        name for name, (_, _, needs) in _INTEGRATIONS.items()
+        if all(_installed(p) for p in needs) and (name != "kubeflow" or kubeflow_requested())
+    ]
 
 
 def resolve_report_to(report_to) -> list[str]:
@@ -94,6 +109,7 @@ __all__ = [
     "available_integrations",
     "get_reporting_integration_callbacks",
     "integration_names",
+    "kubeflow_requested",
     "reporting_callbacks",
     "resolve_report_to",
 ]

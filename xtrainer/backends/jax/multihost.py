@@ -5,8 +5,8 @@ means before the model is built. xtrainer therefore calls `initialize_from_env` 
 TrainingArguments is created (scripts build their arguments first) and again when the backend is
 prepared, where a late call gets an error that says what to move.
 
-The preemption service is switched on when xtrainer initialises jax.distributed, so a SIGTERM on
-any host makes every host save the same step (xtrainer/preemption.py).
+With enable_jit_checkpoint=True the preemption service is switched on when xtrainer initialises
+jax.distributed, so a SIGTERM on any host makes every host save the same step (xtrainer/preemption.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ def requested() -> bool:
     return bool(os.environ.get(ENV_ADDRESS))
 
 
-def initialize_from_env() -> None:
+def initialize_from_env(preemption: bool = True) -> None:
     """Calls jax.distributed.initialize with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
 
     On CPU the processes exchange collectives over gloo. A no-op when not requested or already done.
+    `preemption` (TrainingArguments.enable_jit_checkpoint) switches JAX's preemption service on or off:
+    when on it catches SIGTERM, so it must be off when nothing saves and exits on SIGTERM.
     """
     if not requested() or jax.distributed.is_initialized():
         return
@@ -37,7 +39,7 @@ def initialize_from_env() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if "jax_enable_preemption_service" in jax.config.values:
         # SIGTERM on any host -> every host stops at the same step (see xtrainer/preemption.py).
-        jax.config.update("jax_enable_preemption_service", True)
+        jax.config.update("jax_enable_preemption_service", bool(preemption))
     try:
         jax.distributed.initialize(
             coordinator_address=os.environ[ENV_ADDRESS],

@@ -84,10 +84,11 @@ def _dedupe_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def save_model_weights(model: nn.Module, directory: str, info) -> None:
     """Writes the model as its library loads it: save_pretrained for HF models, else model.safetensors.
 
-    Rank 0 writes full weights; under FSDP every process must call it (the weights are gathered).
+    Rank 0 (with save_on_each_node: each node's first process) writes full weights; under FSDP every
+    process must call it (the weights are gathered).
     """
     state_dict = _full_state_dict(model, info)
-    if not info.is_main:
+    if not info.writes_checkpoints:
         return
     os.makedirs(directory, exist_ok=True)
     if hasattr(model, "save_pretrained"):
@@ -224,9 +225,9 @@ def save_training_state(state, directory: str, info) -> None:
 
         optim_state = get_optimizer_state_dict(unwrap(state.model), state.optimizer)
         dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(directory, OPTIMIZER_SHARDS_DIR))
-    elif info.is_main:
+    elif info.writes_checkpoints:
         torch.save(state.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_NAME))
-    if info.is_main:
+    if info.writes_checkpoints:
         torch.save(state.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         if state.scaler is not None:
             torch.save(state.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
