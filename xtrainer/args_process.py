@@ -89,16 +89,18 @@ def _env_int(*names: str, default: int) -> int:
 def layout(args) -> ProcessLayout:
     """Reads this process's world size and indices from the backend's runtime (see the module docstring)."""
     backend = run_backend(args)
-    local_default = args.local_rank if getattr(args, "local_rank", -1) not in (None, -1) else 0
     if backend == "jax":
         import jax
 
-        return ProcessLayout("jax", jax.process_count(), jax.process_index(), _env_int("LOCAL_RANK", default=local_default))
+        return ProcessLayout("jax", jax.process_count(), jax.process_index(), _env_int("LOCAL_RANK", default=0))
     if backend == "torch_xla":
         import torch_xla.runtime as xr
 
-        return ProcessLayout("torch_xla", xr.process_count(), xr.process_index(), _env_int("LOCAL_RANK", default=local_default))
+        return ProcessLayout("torch_xla", xr.process_count(), xr.process_index(), _env_int("LOCAL_RANK", default=0))
     import torch.distributed as dist
+
+    # `local_rank` is what old torch launchers passed on the command line; LOCAL_RANK wins when both exist.
+    local_default = args.local_rank if getattr(args, "local_rank", -1) not in (None, -1) else 0
 
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()

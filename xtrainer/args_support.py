@@ -472,10 +472,20 @@ def _defaults(args) -> Any:
         return TrainingArguments(**kwargs)
 
 
+# Fields whose value is derived from another field when the arguments are built: set only if it differs
+# from what the derivation gives (torch_compile=True alone fills in torch_compile_backend="inductor").
+_DERIVED_DEFAULTS = {"torch_compile_backend": (None, "inductor")}
+# The 4.x names that mirror a 5.x field: one warning, for the 5.x name, when both have no effect.
+_MIRRORS = {"gradient_checkpointing": "activation_checkpointing",
+            "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
 def _is_set(args, defaults, name: str) -> bool:
     value, default = getattr(args, name, None), getattr(defaults, name, None)
     if name == "accelerator_config" and hasattr(value, "non_default"):
         return bool(value.non_default())
+    if name in _DERIVED_DEFAULTS:
+        return value not in _DERIVED_DEFAULTS[name]
     return value != default
 
 
@@ -485,8 +495,11 @@ def inert_settings(args, backend: str) -> list[tuple[str, Any, NoEffect]]:
     found = []
     for name, per_backend in SUPPORT.items():
         choice = per_backend.get(backend)
-        if isinstance(choice, NoEffect) and _is_set(args, defaults, name):
-            found.append((name, getattr(args, name), choice))
+        if not isinstance(choice, NoEffect) or not _is_set(args, defaults, name):
+            continue
+        if name in _MIRRORS and isinstance(SUPPORT[_MIRRORS[name]].get(backend), NoEffect):
+            continue  # its 5.x name warns
+        found.append((name, getattr(args, name), choice))
     return found
 
 
@@ -567,20 +580,42 @@ def _apply_model_settings(args, backend: str, model: Any) -> None:
 
 
 def _cell(choice: Decision) -> str:
+    return "acts" if isinstance(choice, Acts) else "refused" if isinstance(choice, Refused) else "no effect"
+
+
+def _note(choice: Decision) -> str:
     if isinstance(choice, Acts):
-        return "acts" + (f": {choice.how}" if choice.how else "")
+        return choice.how
     if isinstance(choice, Refused):
         return f"refused: {choice.why}"
-    return f"no effect ({choice.why}); use {choice.instead}"
+    return f"no effect: {choice.why}; use {choice.instead}"
+
+
+def _notes_cell(per_backend: dict[str, Decision]) -> str:
+    """How the field acts, or why it does not and what to use, once per distinct text (prefixed by its backends)."""
+    by_text: dict[str, list[str]] = {}
+    for b in BACKEND_NAMES:
+        text = _note(per_backend[b])
+        if text:
+            by_text.setdefault(text, []).append(b)
+    if len(by_text) == 1 and len(next(iter(by_text.values()))) == len(BACKEND_NAMES):
+        return next(iter(by_text))
+    return "<br>".join(f"{'/'.join(names)}: {text}" for text, names in by_text.items())
 
 
 def _tests_cell(per_backend: dict[str, Decision]) -> str:
-    ids = []
+    """The tests of a row, with the parametrised ids of one test folded into one entry (test[jax,torch])."""
+    params: dict[str, list[str]] = {}
     for b in BACKEND_NAMES:
         choice = per_backend[b]
-        if not isinstance(choice, NoEffect):
-            ids += [t for t in choice.tests if t not in ids]
-    return "<br>".join(f"`{t}`" for t in ids)
+        if isinstance(choice, NoEffect):
+            continue
+        for test in choice.tests:
+            base, _, param = test.partition("[")
+            ids = params.setdefault(base, [])
+            if param and param.rstrip("]") not in ids:
+                ids.append(param.rstrip("]"))
+    return "<br>".join(f"`{base}[{','.join(ids)}]`" if ids else f"`{base}`" for base, ids in params.items())
 
 
 def summary() -> dict[str, dict[str, int]]:
@@ -615,11 +650,13 @@ def markdown_table() -> str:
     lines.append("| --- | --- | --- | --- |")
     for b in BACKEND_NAMES:
         lines.append(f"| {b} | {counts[b]['acts']} | {counts[b]['no effect']} | {counts[b]['refused']} |")
-    lines += ["", "| field | jax | torch | torch_xla | tests |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| field | jax | torch | torch_xla | how, or why not and what to use instead | tests |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for f in dataclasses.fields(Seq2SeqTrainingArguments):
         per_backend = SUPPORT[f.name]
-        cells = [_cell(per_backend[b]).replace("|", "\\|") for b in BACKEND_NAMES]
-        lines.append(f"| `{f.name}` | " + " | ".join(cells) + f" | {_tests_cell(per_backend)} |")
+        cells = [_cell(per_backend[b]) for b in BACKEND_NAMES]
+        notes = _notes_cell(per_backend).replace("|", "\\|")
+        lines.append(f"| `{f.name}` | " + " | ".join(cells) + f" | {notes} | {_tests_cell(per_backend)} |")
     return "\n".join(lines) + "\n"
 
 
