@@ -57,7 +57,7 @@ def test_registry_resolves_names():
 
 def test_unknown_integration_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"report_to='tensorbord' is not a known integration; choose from "
-                                         r"'tensorboard', 'jsonl', 'wandb', 'all', 'none'"):
+                                         r"'tensorboard', 'jsonl', 'wandb', 'kubeflow', 'all', 'none'"):
         xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path, ["tensorbord"]))
 
 
@@ -162,3 +162,40 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     wandb.finish()
     offline = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     assert len(offline) == 1 and glob.glob(os.path.join(offline[0], "*.wandb"))
+
+
+def test_kubeflow_posts_progress_to_the_trainjob_controller(tmp_path, monkeypatch):
+    """Inside a Kubeflow TrainJob (its env variables set) report_to gains "kubeflow", whose callback posts progress."""
+    import http.server
+    import json
+    import threading
+
+    posts = []
+
+    class Controller(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append((self.headers["Authorization"], json.loads(body)["trainerStatus"]))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Controller)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    monkeypatch.setenv("KUBEFLOW_TRAINER_SERVER_URL", f"http://127.0.0.1:{server.server_port}/status")
+    monkeypatch.setenv("KUBEFLOW_TRAINER_SERVER_TOKEN", str(token))
+    try:
+        trainer = xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path, "none"),
+                                   train_dataset=regression_data(16))
+        assert trainer.args.report_to == ["kubeflow"]
+        trainer.train()
+    finally:
+        server.shutdown()
+    assert posts and all(auth == "Bearer secret-token" for auth, _ in posts)
+    assert posts[0][1]["progressPercentage"] == 0 and posts[-1][1]["progressPercentage"] == 100
+    final = {m["name"]: m["value"] for m in posts[-1][1]["metrics"]}
+    assert "train_loss" in final and "lastUpdatedTime" in posts[-1][1]
