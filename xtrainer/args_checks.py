@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
-from .args_process import LOG_LEVELS
 from .nan_policy import check_policy
 from .trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 BACKENDS = ("auto", "jax", "torch", "torch_xla")
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "passive": -1,
+}
 
 
 def validate(args) -> None:
@@ -76,7 +84,8 @@ def validate(args) -> None:
                 )
     if args.save_strategy == SaveStrategy.BEST:
         if args.metric_for_best_model is None:
-            fail("save_strategy='best' requires `metric_for_best_model` (or load_best_model_at_end=True).")
+            fail("`args.metric_for_best_model` must be provided when save_strategy='best': set `metric_for_best_model` "
+                 "(or load_best_model_at_end=True, which ranks by the loss).")
         if args.eval_strategy == IntervalStrategy.NO:
             fail("save_strategy='best' needs evaluations: set `eval_strategy` to 'steps' or 'epoch'.")
     if args.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU and args.eval_strategy == IntervalStrategy.NO:
@@ -94,9 +103,6 @@ def validate(args) -> None:
     for name in ("log_level", "log_level_replica"):
         if getattr(args, name) not in LOG_LEVELS:
             fail(f"`{name}`={getattr(args, name)!r} is not valid; choose one of: {', '.join(LOG_LEVELS)}.")
-    steps = args.torch_empty_cache_steps
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        fail(f"`torch_empty_cache_steps` must be a positive integer or None, got {steps!r}.")
     if args.dataloader_num_workers < 0:
         fail(f"`dataloader_num_workers` must be >= 0, got {args.dataloader_num_workers}.")
     if args.dataloader_num_workers == 0 and args.dataloader_prefetch_factor is not None:
@@ -104,59 +110,6 @@ def validate(args) -> None:
     bad = sorted(set(args.include_for_metrics) - {"inputs", "loss"})
     if bad:
         fail(f"`include_for_metrics` accepts 'inputs' and 'loss', got {bad}.")
-
-
-def check_sampling_strategy(strategy) -> None:
-    """Refuses transformers' 'batch_rebalance' sampler, which xtrainer cannot honour (see the message)."""
-    if str(getattr(strategy, "value", strategy)) == "batch_rebalance":
-        raise ValueError(
-            "train_sampling_strategy='batch_rebalance' is not supported by xtrainer: it gives every micro-batch a "
-            "different number of examples, and xtrainer's compiled steps take batches of one fixed size. Use "
-            "train_sampling_strategy='group_by_length' to batch examples of similar lengths together."
-        )
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def check_requirements(args, backend: str | None = None) -> None:
-    """Fails for fields that need a package that is not installed, or that the backend cannot use.
-
-    Called when the arguments are built (backend = args.backend, possibly "auto") and again when the
-    Trainer has picked its backend.
-
-    Raises:
-        ValueError: the field cannot act on this backend or in xtrainer at all (the message says why and
-            what to use instead).
-        ImportError: the field needs a package that is missing (the message says what to install).
-    """
-    backend = backend or str(args.backend)
-    if args.deepspeed:
-        raise ValueError(
-            "`deepspeed` is not supported: xtrainer has no DeepSpeed engine (its backends shard with their own "
-            "runtimes, so installing deepspeed would not help). For ZeRO-3-style sharding use fsdp='full_shard' "
-            "(backend='torch'), or mesh={'fsdp': -1} (backend='jax' or 'torch_xla')."
-        )
-    if args.use_liger_kernel:
-        if backend in ("jax", "torch_xla"):
-            raise ValueError(
-                f"use_liger_kernel=True cannot be used with backend={backend!r}: Liger's kernels are Triton kernels "
-                "for CUDA torch modules, and XLA compiles (and fuses) the model's operations itself. Leave "
-                "use_liger_kernel off, or use backend='torch' on an NVIDIA GPU."
-            )
-        if not _installed("liger_kernel"):
-            raise ImportError("use_liger_kernel=True needs the liger-kernel package: pip install liger-kernel")
-    if "underflow_overflow" in [getattr(d, "value", d) for d in args.debug] and backend in ("torch", "auto"):
-        if not _installed("transformers"):
-            raise ImportError(
-                "debug='underflow_overflow' uses transformers' DebugUnderflowOverflow detector: pip install transformers"
-            )
 
 
 def check_eval_dataset(args, eval_dataset) -> None:

@@ -77,7 +77,7 @@ class TrainSamplingStrategy(ExplicitEnum):
 
 
 class HubStrategy(ExplicitEnum):
-    """What `push_to_hub` uploads and when (`TrainingArguments.hub_strategy`)."""
+    """What `push_to_hub` uploads and when (transformers' values)."""
 
     END = "end"
     EVERY_SAVE = "every_save"
@@ -85,16 +85,22 @@ class HubStrategy(ExplicitEnum):
     ALL_CHECKPOINTS = "all_checkpoints"
 
 
-class FSDPOption(ExplicitEnum):
-    """The words `TrainingArguments.fsdp` accepts (a space-separated string or a list of them)."""
+class DebugOption(ExplicitEnum):
+    """transformers' `debug` options."""
 
-    FULL_SHARD = "full_shard"
-    SHARD_GRAD_OP = "shard_grad_op"
-    NO_SHARD = "no_shard"
-    HYBRID_SHARD = "hybrid_shard"
-    HYBRID_SHARD_ZERO2 = "hybrid_shard_zero2"
-    OFFLOAD = "offload"
-    AUTO_WRAP = "auto_wrap"
+    UNDERFLOW_OVERFLOW = "underflow_overflow"
+    TPU_METRICS_DEBUG = "tpu_metrics_debug"
+
+
+class ParallelMode(enum.Enum):
+    """How this process's work is parallelised (transformers' `TrainingArguments.parallel_mode` values)."""
+
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+    SAGEMAKER_MODEL_PARALLEL = "sagemaker_model_parallel"
+    SAGEMAKER_DATA_PARALLEL = "sagemaker_data_parallel"
+    TPU = "tpu"
 
 
 class EvalPrediction:
@@ -155,7 +161,13 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     if deterministic:
+        # full_determinism, as transformers does it: deterministic kernels, and the cuBLAS workspace setting
+        # CUDA needs for them (set before the first cuBLAS call; harmless on CPU).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")
         torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def checkpoint_step(path: str) -> int | None:

@@ -12,19 +12,18 @@ import logging
 import math
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .args_checks import BACKENDS, check_requirements, check_sampling_strategy, validate
-from .args_process import LOG_LEVELS, ProcessPropertiesMixin
-from .args_setters import SettersMixin
-from .args_types import AcceleratorConfig, DebugOption
+from .args_checks import BACKENDS, LOG_LEVELS, validate
 from .sharding import MESH_AXES
+from .training_args_setters import TrainingArgumentsSetters
+from .accelerator_config import AcceleratorConfig
 from .trainer_utils import (
+    DebugOption,
     HubStrategy,
     IntervalStrategy,
     OptimizerNames,
@@ -79,6 +78,15 @@ def _to_enum(enum_cls, value, arg: str):
         raise ValueError(f"`{arg}`={value!r} is not supported; choose one of: {valid}.") from None
 
 
+def _dtypes_to_str(d: dict) -> None:
+    """torch.dtype values under a `dtype` key (at any depth) -> "float32", as transformers serialises them."""
+    if d.get("dtype") is not None and not isinstance(d["dtype"], str):
+        d["dtype"] = str(d["dtype"]).split(".")[-1]
+    for value in d.values():
+        if isinstance(value, dict):
+            _dtypes_to_str(value)
+
+
 def _deprecated(old: str, new: str) -> None:
     warnings.warn(
         f"`{old}` is deprecated (removed in transformers 5); use `{new}` instead.", DeprecationWarning, stacklevel=5
@@ -86,298 +94,241 @@ def _deprecated(old: str, new: str) -> None:
 
 
 @dataclass
-class TrainingArguments(ProcessPropertiesMixin, SettersMixin):
-    """The arguments of a training/evaluation run: transformers 5.x's fields, in its order, with its defaults.
+class TrainingArguments(TrainingArgumentsSetters):
+    """The arguments of a training/evaluation run, named and defaulted as in transformers 5.x.
 
-    Then xtrainer's own fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`,
-    the torch_xla static-shape policy (`xla_pad_batches`, `xla_seq_bucket`, `xla_max_graphs`, `xla_on_recompile`),
-    `nan_policy` (what a step with a non-finite loss or grad norm does) and `allow_unsafe_checkpoint_load`;
-    last, the transformers 4.x names that 5.x removed (accepted with a DeprecationWarning).
-    Which fields act on which backend, and what the others say when set: docs/training_arguments.md.
+    Extra xtrainer fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`,
+    `async_checkpointing`, `jax_heartbeat_timeout`,
+    and the torch_xla static-shape policy `xla_pad_batches`, `xla_seq_bucket`, `xla_max_graphs`, `xla_on_recompile`.
+    `nan_policy` ("raise" | "skip" | "ignore") says what a step with a NaN/inf loss or grad norm does (nan_policy.py).
     Dict-typed fields also accept a JSON string (as on the command line).
     """
 
     _DICT_FIELDS = (
-        "accelerator_config",
+        "lr_scheduler_kwargs",
         "fsdp_config",
-        "deepspeed",
         "activation_checkpointing_kwargs",
         "gradient_checkpointing_kwargs",
-        "lr_scheduler_kwargs",
     )
 
-    # --- Output, duration and batch size ---
-    output_dir: str | None = field(
-        default=None, metadata=_help("Where checkpoints and the final model are written (default 'trainer_output').")
+    # --- Output / script flags ---
+    output_dir: str | None = field(default=None, metadata=_help("Where checkpoints and outputs are written."))
+    do_train: bool = field(default=False, metadata=_help("Run training (read by scripts, not the Trainer)."))
+    do_eval: bool = field(default=False, metadata=_help("Run evaluation (read by scripts, not the Trainer)."))
+    do_predict: bool = field(default=False, metadata=_help("Run prediction (read by scripts, not the Trainer)."))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help("Checkpoint folder to resume from."))
+
+    # --- Duration and batch size ---
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Training batch size per device."))
+    per_device_eval_batch_size: int = field(default=8, metadata=_help("Evaluation batch size per device."))
+    num_train_epochs: float = field(default=3.0, metadata=_help("Total number of training epochs."))
+    max_steps: int = field(default=-1, metadata=_help("If > 0: total optimizer steps; overrides num_train_epochs."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches accumulated per update."))
+    eval_accumulation_steps: int | None = field(
+        default=None, metadata=_help("Eval steps to accumulate on device before moving outputs to the host.")
     )
-    per_device_train_batch_size: int = field(default=8, metadata=_help("Training examples per device per micro-batch."))
-    num_train_epochs: float = field(
-        default=3.0, metadata=_help("Passes over the training data; a fraction ends the last pass early.")
-    )
-    max_steps: int = field(
-        default=-1, metadata=_help("If > 0: total optimizer steps (overrides num_train_epochs; needed for streams).")
+    average_tokens_across_devices: bool = field(
+        default=True, metadata=_help("Average the token count across devices for the loss normalisation.")
     )
 
     # --- Optimizer and schedule ---
-    learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate of the schedule."))
-    lr_scheduler_type: SchedulerType | str = field(default="linear", metadata=_help("Learning-rate schedule."))
-    lr_scheduler_kwargs: dict | str | None = field(
-        default=None, metadata=_help("Extra schedule options, e.g. '{\"num_cycles\": 2}'.")
-    )
+    learning_rate: float = field(default=5e-5, metadata=_help("Initial learning rate."))
+    lr_scheduler_type: SchedulerType | str = field(default="linear", metadata=_help("Learning rate schedule."))
+    lr_scheduler_kwargs: dict | str | None = field(default=None, metadata=_help("Extra scheduler arguments."))
     warmup_steps: float = field(
-        default=0, metadata=_help("Linear warmup steps; a value in (0, 1) is that fraction of the total steps.")
+        default=0, metadata=_help("Warmup steps; a float in (0, 1) is a ratio of the total steps.")
     )
-    optim: OptimizerNames | str = field(default="adamw_torch_fused", metadata=_help("Optimizer name."))
-    optim_args: str | None = field(default=None, metadata=_help("Extra optimizer options as 'key=value,key=value'."))
-    weight_decay: float = field(default=0.0, metadata=_help("Weight decay (biases and norm weights get none)."))
-    adam_beta1: float = field(default=0.9, metadata=_help("First-moment decay of Adam-style optimizers."))
-    adam_beta2: float = field(default=0.999, metadata=_help("Second-moment decay of Adam-style optimizers."))
-    adam_epsilon: float = field(default=1e-8, metadata=_help("Denominator epsilon of Adam-style optimizers."))
-    optim_target_modules: None | str | list[str] = field(
-        default=None, metadata=_help("Modules a GaLore/APOLLO-style optimizer applies to: names or regexes.")
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata=_help("Micro-batches whose gradients are summed before each optimizer step.")
-    )
-    average_tokens_across_devices: bool = field(
-        default=True, metadata=_help("Normalise the loss by the label-token count of all processes, not this one's.")
-    )
-    max_grad_norm: float = field(default=1.0, metadata=_help("Clip the global gradient norm to this; 0 disables."))
-    label_smoothing_factor: float = field(
-        default=0.0, metadata=_help("Label smoothing epsilon of the classification/LM loss; 0 disables it.")
-    )
+    optim: OptimizerNames | str = field(default="adamw_torch_fused", metadata=_help("Optimizer to use."))
+    optim_args: str | None = field(default=None, metadata=_help("Extra optimizer arguments, 'k1=v1,k2=v2'."))
+    weight_decay: float = field(default=0.0, metadata=_help("Weight decay (not applied to biases and norms)."))
+    adam_beta1: float = field(default=0.9, metadata=_help("Adam beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("Adam beta2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("Adam epsilon."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables clipping."))
+    label_smoothing_factor: float = field(default=0.0, metadata=_help("Label smoothing; 0 disables it."))
 
-    # --- Precision, memory and compilation ---
-    bf16: bool = field(default=False, metadata=_help("bfloat16 mixed precision (fp32 master weights)."))
-    fp16: bool = field(default=False, metadata=_help("float16 mixed precision with loss scaling."))
-    bf16_full_eval: bool = field(default=False, metadata=_help("Run evaluation entirely in bfloat16."))
-    fp16_full_eval: bool = field(default=False, metadata=_help("Run evaluation entirely in float16."))
-    tf32: bool | None = field(default=None, metadata=_help("Allow TF32 matmuls (Ampere or newer NVIDIA GPUs)."))
+    # --- Precision ---
+    bf16: bool = field(default=False, metadata=_help("bfloat16 mixed precision."))
+    fp16: bool = field(default=False, metadata=_help("float16 mixed precision."))
+    bf16_full_eval: bool = field(default=False, metadata=_help("Evaluate fully in bfloat16."))
+    fp16_full_eval: bool = field(default=False, metadata=_help("Evaluate fully in float16."))
+    tf32: bool | None = field(default=None, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
+
+    # --- Activation checkpointing and compilation ---
     activation_checkpointing: bool | None = field(
         default=None, metadata=_flag_help("Recompute activations in the backward pass to save memory.")
     )
-    activation_checkpointing_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata=_help("Options of activation checkpointing (e.g. use_reentrant).")
+    activation_checkpointing_kwargs: dict | str | None = field(
+        default=None, metadata=_help("Options for activation checkpointing.")
     )
     gradient_checkpointing: bool | None = field(
-        default=None, metadata=_flag_help("Deprecated alias of activation_checkpointing.")
+        default=None, metadata=_flag_help("Deprecated alias of `activation_checkpointing`.")
     )
-    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata=_help("Deprecated alias of activation_checkpointing_kwargs.")
+    gradient_checkpointing_kwargs: dict | str | None = field(
+        default=None, metadata=_help("Deprecated alias of `activation_checkpointing_kwargs`.")
     )
-    torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile."))
-    torch_compile_backend: str | None = field(
-        default=None, metadata=_help("torch.compile backend (implies torch_compile; default 'inductor').")
-    )
-    torch_compile_mode: str | None = field(
-        default=None, metadata=_help("torch.compile mode, e.g. 'reduce-overhead' (implies torch_compile).")
-    )
-    use_liger_kernel: bool = field(default=False, metadata=_help("Patch the model with Liger's Triton kernels."))
-    liger_kernel_config: dict[str, bool] | None = field(
-        default=None, metadata=_help("Which Liger kernels to apply, e.g. {'rms_norm': True}.")
-    )
-    use_cache: bool = field(
-        default=False, metadata=_help("Keep the model's key/value cache on while training (model.config.use_cache).")
-    )
-    neftune_noise_alpha: float | None = field(
-        default=None, metadata=_help("NEFTune: uniform noise of this scale on the input embeddings in training.")
-    )
-    torch_empty_cache_steps: int | None = field(
-        default=None, metadata=_help("Empty the accelerator memory cache every N steps; None never does.")
-    )
-    auto_find_batch_size: bool = field(
-        default=False, metadata=_help("Halve the training batch size after an out-of-memory error until a step fits.")
-    )
+    torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile (torch)."))
+    torch_compile_backend: str | None = field(default=None, metadata=_help("torch.compile backend; implies it."))
+    torch_compile_mode: str | None = field(default=None, metadata=_help("torch.compile mode; implies it."))
 
     # --- Logging ---
-    logging_strategy: IntervalStrategy | str = field(default="steps", metadata=_help("When to log: no, steps or epoch."))
-    logging_steps: float = field(
-        default=500, metadata=_help("Log every N optimizer steps; a value in (0, 1) is a fraction of the total.")
-    )
-    logging_first_step: bool = field(default=False, metadata=_help("Also log after the first step."))
-    log_on_each_node: bool = field(
-        default=True, metadata=_help("Multi-node: the first process of every node logs at log_level, not only node 0's.")
-    )
-    logging_nan_inf_filter: bool = field(
-        default=True, metadata=_help("Leave NaN/inf losses out of the logged average (the update is not affected).")
+    logging_strategy: IntervalStrategy | str = field(default="steps", metadata=_help("When to log: no/steps/epoch."))
+    logging_steps: float = field(default=500, metadata=_help("Log every N steps; (0, 1) is a ratio of total."))
+    logging_first_step: bool = field(default=False, metadata=_help("Also log the first step."))
+    log_on_each_node: bool = field(default=True, metadata=_help("Log from the main process of every node."))
+    logging_nan_inf_filter: bool = field(default=True, metadata=_help("Skip NaN/inf losses when logging."))
+    nan_policy: str = field(
+        default="ignore",
+        metadata=_help("Non-finite loss/grad_norm: 'raise' (stop, naming the step), 'skip' (skip the update), 'ignore'.",
+                       choices=["raise", "skip", "ignore"]),
     )
     include_num_input_tokens_seen: str | bool = field(
-        default="no", metadata=_help("Count input tokens seen: 'all', 'non_padding' or 'no' (True means 'all').")
+        default="no", metadata=_help("Track input tokens seen: 'all', 'non_padding' or 'no'.")
     )
     log_level: str = field(
-        default="passive",
-        metadata=_help("xtrainer's log level on the main process; 'passive' leaves it alone.", choices=LOG_LEVELS.keys()),
+        default="passive", metadata=_help("Log level of the main process.", choices=list(LOG_LEVELS))
     )
     log_level_replica: str = field(
-        default="warning",
-        metadata=_help("xtrainer's log level on the other processes.", choices=LOG_LEVELS.keys()),
+        default="warning", metadata=_help("Log level of replica processes.", choices=list(LOG_LEVELS))
     )
-    disable_tqdm: bool | None = field(
-        default=None, metadata=_help("Print logs instead of showing progress bars (default: when logging is quiet).")
-    )
+    disable_tqdm: bool | None = field(default=None, metadata=_help("Disable progress bars."))
     report_to: None | str | list[str] = field(
-        default="none", metadata=_help("Integrations to report to ('tensorboard', 'jsonl', 'wandb', ...); 'all'/'none'.")
+        default="none", metadata=_help("Integrations to report to; 'all' or 'none'.")
     )
-    run_name: str | None = field(default=None, metadata=_help("Name of the run in the reporting integrations."))
-    project: str = field(default="huggingface", metadata=_help("Project name for Trackio."))
-    trackio_space_id: str | None = field(default=None, metadata=_help("Hugging Face Space that hosts Trackio logs."))
-    trackio_bucket_id: str | None = field(default=None, metadata=_help("Storage bucket for Trackio logs."))
-    trackio_static_space_id: Union[str, None, Literal[False]] = field(
-        default=None, metadata=_help("Read-only static Trackio Space, or False for none.")
-    )
+    run_name: str | None = field(default=None, metadata=_help("Run name for the reporting integrations."))
 
     # --- Evaluation ---
-    eval_strategy: IntervalStrategy | str = field(
-        default="no", metadata=_help("When to evaluate during training: no, steps or epoch.")
-    )
-    eval_steps: float | None = field(
-        default=None, metadata=_help("Evaluate every N steps (default logging_steps); (0, 1) is a fraction.")
-    )
+    eval_strategy: IntervalStrategy | str = field(default="no", metadata=_help("When to evaluate: no/steps/epoch."))
+    eval_steps: float | None = field(default=None, metadata=_help("Evaluate every N steps; defaults to logging_steps."))
     eval_delay: float = field(default=0, metadata=_help("Epochs or steps to wait before the first evaluation."))
-    per_device_eval_batch_size: int = field(default=8, metadata=_help("Evaluation examples per device per batch."))
-    prediction_loss_only: bool = field(default=False, metadata=_help("Evaluation returns the loss only."))
-    eval_on_start: bool = field(default=False, metadata=_help("Evaluate once before the first training step."))
-    eval_do_concat_batches: bool = field(
-        default=True, metadata=_help("Concatenate the batches of predictions (False: keep a list of batches).")
-    )
-    eval_use_gather_object: bool = field(
-        default=False, metadata=_help("Gather Python objects (not only arrays) from every process after evaluation.")
-    )
-    eval_accumulation_steps: int | None = field(
-        default=None, metadata=_help("Move predictions to the host every N evaluation steps (default: at the end).")
-    )
+    prediction_loss_only: bool = field(default=False, metadata=_help("Only return the loss when evaluating."))
+    eval_on_start: bool = field(default=False, metadata=_help("Evaluate once before training starts."))
+    eval_do_concat_batches: bool = field(default=True, metadata=_help("Concatenate eval outputs across batches."))
     include_for_metrics: list[str] = field(
-        default_factory=list, metadata=_help("Also give compute_metrics 'inputs' and/or per-batch 'loss'.")
+        default_factory=list, metadata=_help("Extra data for compute_metrics: 'inputs', 'loss'.")
     )
-    batch_eval_metrics: bool = field(
-        default=False, metadata=_help("Call compute_metrics per batch (compute_result=True on the last).")
-    )
+    batch_eval_metrics: bool = field(default=False, metadata=_help("Compute metrics batch by batch."))
 
-    # --- Checkpoints ---
-    save_only_model: bool = field(
-        default=False, metadata=_help("Checkpoints hold the model only (no optimizer, schedule or RNG: no resume).")
-    )
-    save_strategy: SaveStrategy | str = field(
-        default="steps", metadata=_help("When to save a checkpoint: no, steps, epoch or best.")
-    )
-    save_steps: float = field(
-        default=500, metadata=_help("Save every N steps; a value in (0, 1) is a fraction of the total.")
-    )
-    save_on_each_node: bool = field(
-        default=False, metadata=_help("Multi-node without shared storage: every node writes its own checkpoints.")
-    )
-    save_total_limit: int | None = field(
-        default=None, metadata=_help("Keep at most N checkpoints (the best one is always kept).")
-    )
-    enable_jit_checkpoint: bool = field(
-        default=False, metadata=_help("On SIGTERM, finish the step, save a checkpoint and exit with code 143.")
-    )
-
-    # --- Hub ---
-    push_to_hub: bool = field(default=False, metadata=_help("Push the model to the Hugging Face Hub when it is saved."))
-    hub_token: str | None = field(default=None, metadata=_help("Hub token (default: the one `hf auth login` stored)."))
-    hub_private_repo: bool | None = field(default=None, metadata=_help("Create the Hub repository as private."))
-    hub_model_id: str | None = field(default=None, metadata=_help("Hub repository kept in sync with output_dir."))
-    hub_strategy: HubStrategy | str = field(
-        default="every_save",
-        metadata=_help("What is pushed when: end, every_save, checkpoint or all_checkpoints."),
-    )
-    hub_always_push: bool = field(default=False, metadata=_help("Push even while the previous push is running."))
-    hub_revision: str | None = field(default=None, metadata=_help("Branch, tag or commit to push to."))
-
-    # --- Best model and resuming ---
-    load_best_model_at_end: bool = field(
-        default=False, metadata=_help("After training, load the checkpoint with the best metric_for_best_model.")
-    )
-    metric_for_best_model: str | None = field(
-        default=None, metadata=_help("Metric that ranks checkpoints, e.g. 'loss' or 'eval_accuracy'.")
-    )
-    greater_is_better: bool | None = field(
-        default=None, metadata=_help("Whether a larger metric is better (default: not for names ending in 'loss').")
-    )
-    ignore_data_skip: bool = field(
-        default=False, metadata=_help("On resume, start the epoch's data from its beginning instead of where it was.")
-    )
+    # --- Saving ---
+    save_strategy: SaveStrategy | str = field(default="steps", metadata=_help("When to save: no/steps/epoch/best."))
+    save_steps: float = field(default=500, metadata=_help("Save every N steps; (0, 1) is a ratio of total."))
+    save_total_limit: int | None = field(default=None, metadata=_help("Keep at most N checkpoints."))
+    save_only_model: bool = field(default=False, metadata=_help("Save weights only (no optimizer/RNG state)."))
+    save_on_each_node: bool = field(default=False, metadata=_help("Save on every node, not only the main one."))
+    load_best_model_at_end: bool = field(default=False, metadata=_help("Load the best checkpoint after training."))
+    metric_for_best_model: str | None = field(default=None, metadata=_help("Metric that ranks checkpoints."))
+    greater_is_better: bool | None = field(default=None, metadata=_help("Whether a larger metric is better."))
+    ignore_data_skip: bool = field(default=False, metadata=_help("Do not fast-forward the data when resuming."))
     restore_callback_states_from_checkpoint: bool = field(
-        default=False, metadata=_help("On resume, restore the saved states of stateful callbacks.")
+        default=False, metadata=_help("Restore callback states saved in the checkpoint.")
     )
-    full_determinism: bool = field(
-        default=False, metadata=_help("Deterministic kernels and seeding everywhere (slower; for debugging).")
-    )
-    seed: int = field(default=42, metadata=_help("Random seed set when the Trainer is built."))
-    data_seed: int | None = field(default=None, metadata=_help("Seed of the data order (default: seed)."))
-    use_cpu: bool = field(default=False, metadata=_help("Train on the CPU even when an accelerator is present."))
-    accelerator_config: dict | str | None = field(
-        default=None, metadata=_help("Accelerate dataloader/accumulation options: a dict, JSON or JSON file path.")
-    )
-    parallelism_config: Any = field(
-        default=None, metadata=_help("Accelerate ParallelismConfig (context/tensor parallel sizes).")
-    )
-
-    # --- Data loading ---
-    dataloader_drop_last: bool = field(default=False, metadata=_help("Drop the last incomplete training batch."))
-    dataloader_num_workers: int = field(default=0, metadata=_help("Worker processes that load batches (0: in process)."))
-    dataloader_pin_memory: bool = field(default=True, metadata=_help("Pin host memory of the loaded batches."))
-    dataloader_persistent_workers: bool = field(
-        default=False, metadata=_help("Keep the loader's workers alive from one epoch to the next.")
-    )
-    dataloader_prefetch_factor: int | None = field(
-        default=None, metadata=_help("Batches each worker loads ahead (needs dataloader_num_workers > 0).")
-    )
-    dataloader_multiprocessing_context: str | None = field(
-        default=None,
-        metadata=_help("Start method of the loader's workers.", choices=["fork", "spawn", "forkserver"]),
-    )
-    dataloader_in_order: bool = field(
-        default=True, metadata=_help("Yield worker batches in order (False: as soon as each is ready).")
-    )
-    remove_unused_columns: bool = field(
-        default=True, metadata=_help("Drop dataset columns the model's forward does not take.")
-    )
-    label_names: list[str] | None = field(default=None, metadata=_help("The input keys that hold the labels."))
-    train_sampling_strategy: str = field(
-        default="random",
+    allow_unsafe_checkpoint_load: bool = field(
+        default=False,
         metadata=_help(
-            "Training order: random, sequential, group_by_length or batch_rebalance.",
-            choices=["random", "sequential", "group_by_length", "batch_rebalance"],
+            "Unpickle checkpoint .pt/.pth/.bin files fully (weights_only=False) when the safe weights-only loader "
+            "refuses them. Unpickling runs code stored in the file: enable only for checkpoints you trust."
         ),
     )
-    length_column_name: str = field(
-        default="length", metadata=_help("Column of precomputed lengths for length-grouped sampling.")
-    )
 
-    # --- Distributed (torch.distributed and launchers) ---
-    ddp_find_unused_parameters: bool | None = field(
-        default=None, metadata=_help("DDP find_unused_parameters (default: True unless activation checkpointing).")
+    # --- Reproducibility and hardware ---
+    seed: int = field(default=42, metadata=_help("Random seed set at the start of training."))
+    data_seed: int | None = field(default=None, metadata=_help("Seed of the data samplers; defaults to seed."))
+    full_determinism: bool = field(default=False, metadata=_help("Deterministic algorithms (slow; debugging)."))
+    use_cpu: bool = field(default=False, metadata=_help("Run on CPU even when an accelerator is present."))
+
+    # --- Data loading ---
+    dataloader_drop_last: bool = field(default=False, metadata=_help("Drop the last incomplete batch."))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data loading worker processes."))
+    dataloader_pin_memory: bool = field(default=True, metadata=_help("Pin host memory in the DataLoader."))
+    dataloader_persistent_workers: bool = field(default=False, metadata=_help("Keep workers alive across epochs."))
+    dataloader_prefetch_factor: int | None = field(default=None, metadata=_help("Batches prefetched per worker."))
+    remove_unused_columns: bool = field(default=True, metadata=_help("Drop columns the model does not take."))
+    label_names: list[str] | None = field(default=None, metadata=_help("Input keys that hold the labels."))
+    train_sampling_strategy: TrainSamplingStrategy | str = field(
+        default="random", metadata=_help("Training sampler: random, sequential or group_by_length.")
     )
-    ddp_bucket_cap_mb: int | None = field(default=None, metadata=_help("DDP gradient bucket size in MiB."))
-    ddp_broadcast_buffers: bool | None = field(default=None, metadata=_help("DDP broadcast_buffers."))
-    ddp_static_graph: bool | None = field(default=None, metadata=_help("DDP static_graph."))
+    length_column_name: str = field(default="length", metadata=_help("Precomputed length column."))
+
+    # --- Distributed ---
+    local_rank: int = field(default=-1, metadata=_help("Set by old launchers; prefer the LOCAL_RANK variable."))
     ddp_backend: str | None = field(
         default=None,
         metadata=_help("torch.distributed backend.", choices=["nccl", "gloo", "mpi", "xccl", "hccl", "cncl", "mccl"]),
     )
-    ddp_timeout: int = field(default=1800, metadata=_help("Timeout of the process group's collectives, in seconds."))
-    fsdp: str | None = field(
-        default=None, metadata=_flag_help("Fully sharded data parallelism: True, or words like 'full_shard offload'.")
-    )
-    fsdp_config: dict[str, Any] | str | None = field(
-        default=None, metadata=_help("FSDP options: a dict, JSON or JSON file path.")
-    )
-    deepspeed: dict | str | None = field(default=None, metadata=_help("DeepSpeed config: a dict or JSON file path."))
-    debug: str | list[DebugOption] = field(
-        default="", metadata=_help("Debug features: 'underflow_overflow', 'tpu_metrics_debug' (space-separated).")
-    )
-    skip_memory_metrics: bool = field(default=True, metadata=_help("Leave memory usage out of the metrics."))
+    ddp_timeout: int = field(default=1800, metadata=_help("Process group timeout in seconds."))
+    ddp_find_unused_parameters: bool | None = field(default=None, metadata=_help("DDP find_unused_parameters."))
+    fsdp: str | None = field(default=None, metadata=_flag_help("Enable FSDP (torch backends)."))
+    fsdp_config: dict | str | None = field(default=None, metadata=_help("FSDP options: a dict or JSON file path."))
+    skip_memory_metrics: bool = field(default=True, metadata=_help("Skip memory profiling metrics."))
 
-    # --- Read by scripts ---
-    do_train: bool = field(default=False, metadata=_help("Run training (for the script; the Trainer ignores it)."))
-    do_eval: bool = field(default=False, metadata=_help("Run evaluation (for the script; set by eval_strategy)."))
-    do_predict: bool = field(default=False, metadata=_help("Run prediction (for the script; the Trainer ignores it)."))
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata=_help("Checkpoint folder train() resumes from when given none.")
+    # --- Memory, kernels and model options ---
+    optim_target_modules: None | str | list[str] = field(
+        default=None, metadata=_help("Modules the optimizer targets (GaLore, APOLLO): names or regexes.")
     )
-    local_rank: int = field(default=-1, metadata=_help("Set by old torch launchers; LOCAL_RANK is read instead."))
+    use_liger_kernel: bool = field(default=False, metadata=_help("Patch the model with Liger kernels (torch, CUDA)."))
+    liger_kernel_config: dict | None = field(default=None, metadata=_help("Options passed to the Liger kernel patch."))
+    use_cache: bool = field(default=False, metadata=_help("Keep the model's KV cache on during training."))
+    neftune_noise_alpha: float | None = field(
+        default=None, metadata=_help("NEFTune: add uniform noise of this scale to the input embeddings in training.")
+    )
+    torch_empty_cache_steps: int | None = field(
+        default=None, metadata=_help("Empty the accelerator's memory cache every N steps (torch); None never does.")
+    )
+    auto_find_batch_size: bool = field(
+        default=False, metadata=_help("Halve the training batch size on an out-of-memory error until a step fits.")
+    )
+    enable_jit_checkpoint: bool = field(
+        default=False, metadata=_help("On SIGTERM, finish the step, save a checkpoint and exit (preemption).")
+    )
+    async_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Write checkpoints in a background thread: the step loop pays only the copy to host memory "
+                       "(xtrainer; torch and jax backends)."),
+    )
+    jax_heartbeat_timeout: int = field(
+        default=60,
+        metadata=_help("Multi-host JAX: seconds after which the other processes stop when one stopped responding "
+                       "(xtrainer; jax.distributed's heartbeat timeout)."),
+    )
+    debug: str | list[str] = field(
+        default="", metadata=_help("Debug features: 'underflow_overflow', 'tpu_metrics_debug'.")
+    )
+
+    # --- Hub ---
+    push_to_hub: bool = field(default=False, metadata=_help("Push the model to the Hub every time it is saved."))
+    hub_token: str | None = field(default=None, metadata=_help("Token for pushing to the Hub."))
+    hub_private_repo: bool | None = field(default=None, metadata=_help("Make the Hub repository private."))
+    hub_model_id: str | None = field(default=None, metadata=_help("Hub repository kept in sync with output_dir."))
+    hub_strategy: str = field(
+        default="every_save",
+        metadata=_help("What to push and when: 'end', 'every_save', 'checkpoint', 'all_checkpoints'."),
+    )
+    hub_always_push: bool = field(default=False, metadata=_help("Push even while a previous push is unfinished."))
+    hub_revision: str | None = field(default=None, metadata=_help("Branch, tag or commit to push to."))
+    project: str = field(default="huggingface", metadata=_help("Project name for the logging integrations (Trackio)."))
+    trackio_space_id: str | None = field(default=None, metadata=_help("Hugging Face Space id for Trackio logging."))
+    trackio_bucket_id: str | None = field(default=None, metadata=_help("Bucket id for Trackio logging."))
+    trackio_static_space_id: Union[str, None, Literal[False]] = field(
+        default=None, metadata=_help("Static read-only Trackio Space, or False for none.")
+    )
+
+    # --- Distributed and launcher integrations ---
+    eval_use_gather_object: bool = field(
+        default=False, metadata=_help("Gather arbitrary Python objects from all devices in evaluation.")
+    )
+    accelerator_config: dict | str | None = field(default=None, metadata=_help("Accelerate options (dict or JSON file)."))
+    parallelism_config: Any = field(default=None, metadata=_help("Accelerate ParallelismConfig (context/tensor parallel)."))
+    dataloader_multiprocessing_context: str | None = field(
+        default=None,
+        metadata=_help("Start method of data loading workers.", choices=["fork", "spawn", "forkserver"]),
+    )
+    dataloader_in_order: bool = field(
+        default=True, metadata=_help("Yield worker batches in dispatch order (False: as soon as ready).")
+    )
+    ddp_bucket_cap_mb: int | None = field(default=None, metadata=_help("DDP bucket_cap_mb."))
+    ddp_broadcast_buffers: bool | None = field(default=None, metadata=_help("DDP broadcast_buffers."))
+    ddp_static_graph: bool | None = field(default=None, metadata=_help("DDP static_graph."))
+    deepspeed: dict | str | None = field(default=None, metadata=_help("DeepSpeed config (dict or JSON file)."))
 
     # --- xtrainer ---
     backend: str = field(default="auto", metadata=_help("Training backend.", choices=list(BACKENDS)))
@@ -392,30 +343,10 @@ class TrainingArguments(ProcessPropertiesMixin, SettersMixin):
     )
     jax_compilation_cache_dir: str | None = field(default=None, metadata=_help("Persistent JAX compile cache."))
     # torch_xla static-shape policy; None means the XTRAINER_XLA_* environment variable, else the default.
-    xla_pad_batches: bool | None = field(
-        default=None, metadata=_help("torch_xla: pad batches to static shapes (default true).")
-    )
-    xla_seq_bucket: str | None = field(
-        default=None, metadata=_help('torch_xla: sequence bucket: "pow2", a multiple, or "none".')
-    )
-    xla_max_graphs: int | None = field(
-        default=None, metadata=_help("torch_xla: train-step graphs before the recompilation guard fires (8).")
-    )
-    xla_on_recompile: str | None = field(
-        default=None, metadata=_help('torch_xla: "warn" or "raise" past xla_max_graphs.')
-    )
-    nan_policy: str = field(
-        default="ignore",
-        metadata=_help("Non-finite loss/grad_norm: 'raise' (stop, naming the step), 'skip' (skip the update), 'ignore'.",
-                       choices=["raise", "skip", "ignore"]),
-    )
-    allow_unsafe_checkpoint_load: bool = field(
-        default=False,
-        metadata=_help(
-            "Unpickle checkpoint .pt/.pth/.bin files fully (weights_only=False) when the safe weights-only loader "
-            "refuses them. Unpickling runs code stored in the file: enable only for checkpoints you trust."
-        ),
-    )
+    xla_pad_batches: bool | None = field(default=None, metadata=_help("torch_xla: pad batches to static shapes (default true)."))
+    xla_seq_bucket: str | None = field(default=None, metadata=_help('torch_xla: sequence bucket: "pow2", a multiple, or "none".'))
+    xla_max_graphs: int | None = field(default=None, metadata=_help("torch_xla: train-step graphs before the recompilation guard fires (8)."))
+    xla_on_recompile: str | None = field(default=None, metadata=_help('torch_xla: "warn" or "raise" past xla_max_graphs.'))
 
     # --- v4 names (deprecated) ---
     warmup_ratio: float | None = field(default=None, metadata=_help("Deprecated: use warmup_steps < 1."))
@@ -448,6 +379,27 @@ class TrainingArguments(ProcessPropertiesMixin, SettersMixin):
 
         if self.disable_tqdm is None:
             self.disable_tqdm = logger.getEffectiveLevel() > logging.WARNING
+        if isinstance(self.debug, str):
+            self.debug = [DebugOption(s) for s in self.debug.split()]
+        elif self.debug is None:
+            self.debug = []
+        else:
+            self.debug = [DebugOption(s) for s in self.debug]
+        self.hub_strategy = _to_enum(HubStrategy, self.hub_strategy, "hub_strategy")
+        self.accelerator_config = AcceleratorConfig.from_value(self.accelerator_config)
+        steps = (self.accelerator_config.gradient_accumulation_kwargs or {}).get("num_steps")
+        if steps is not None:  # transformers lets accelerate's kwargs set the accumulation
+            if self.gradient_accumulation_steps > 1:
+                raise ValueError(
+                    "accelerator_config's gradient_accumulation_kwargs sets num_steps and gradient_accumulation_steps is "
+                    "greater than 1: set only one of them."
+                )
+            self.gradient_accumulation_steps = int(steps)
+        if self.torch_empty_cache_steps is not None and not (
+            isinstance(self.torch_empty_cache_steps, int) and not isinstance(self.torch_empty_cache_steps, bool)
+            and self.torch_empty_cache_steps > 0
+        ):
+            raise ValueError(f"`torch_empty_cache_steps` must be a positive integer or None, got {self.torch_empty_cache_steps!r}.")
         if isinstance(self.include_num_input_tokens_seen, bool):
             self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
         if isinstance(self.fsdp, str) and self.fsdp.lower() in ("true", "false", ""):
@@ -456,15 +408,11 @@ class TrainingArguments(ProcessPropertiesMixin, SettersMixin):
         self.eval_strategy = _to_enum(IntervalStrategy, self.eval_strategy, "eval_strategy")
         self.logging_strategy = _to_enum(IntervalStrategy, self.logging_strategy, "logging_strategy")
         self.save_strategy = _to_enum(SaveStrategy, self.save_strategy, "save_strategy")
-        self.hub_strategy = _to_enum(HubStrategy, self.hub_strategy, "hub_strategy")
         self.lr_scheduler_type = _to_enum(SchedulerType, self.lr_scheduler_type, "lr_scheduler_type")
         self.optim = _to_enum(OptimizerNames, self.optim, "optim")
-        check_sampling_strategy(self.train_sampling_strategy)
-        # A plain string, as transformers keeps it (validated against the strategies xtrainer has).
         self.train_sampling_strategy = _to_enum(
             TrainSamplingStrategy, self.train_sampling_strategy, "train_sampling_strategy"
-        ).value
-        self.debug = _parse_debug(self.debug)
+        )
 
         if not self.do_eval and self.eval_strategy != IntervalStrategy.NO:
             self.do_eval = True
@@ -478,13 +426,25 @@ class TrainingArguments(ProcessPropertiesMixin, SettersMixin):
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
 
-        self.report_to = _normalise_report_to(self.report_to)
+        if self.report_to in (None, "none", ["none"]):
+            self.report_to = []
+        elif isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        else:
+            self.report_to = list(self.report_to)
+        if "all" in self.report_to:  # as in transformers: every installed integration
+            from .integrations import available_integrations
+
+            self.report_to = available_integrations()
+        from .integrations.kubeflow import kubeflow_requested
+
+        if kubeflow_requested() and "kubeflow" not in self.report_to:  # inside a Kubeflow TrainJob, as transformers
+            self.report_to = [*self.report_to, "kubeflow"]
 
         if (self.torch_compile_backend is not None or self.torch_compile_mode is not None) and not self.torch_compile:
             self.torch_compile = True
         if self.torch_compile and self.torch_compile_backend is None:
             self.torch_compile_backend = "inductor"
-        self.accelerator_config = AcceleratorConfig.from_value(self.accelerator_config)
         if self.use_cpu:
             self.dataloader_pin_memory = False
 
@@ -495,7 +455,6 @@ class TrainingArguments(ProcessPropertiesMixin, SettersMixin):
 
             load_preset(self.tpu_config)  # unknown or invalid preset: ValueError naming the valid ones
         self._validate()
-        check_requirements(self)  # fields that need a package or a backend that is not there fail now
         # Multi-host JAX must start before any model touches a device; scripts build their
         # arguments first, so this is the earliest point the trainer controls.
         from .backends.registry import early_setup
@@ -608,115 +567,143 @@ class TrainingArguments(ProcessPropertiesMixin, SettersMixin):
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         validate(self)
+        if self.deepspeed or self.use_liger_kernel:  # fields no backend runs: refuse them now, not at train()
+            from .args_support import refused_everywhere
+
+            problems = refused_everywhere(self)
+            if problems:
+                raise ValueError("\n".join(problems))
+
+    # ------------------------------------------------------------------ this process (see process_layout.py)
+    @property
+    def device(self):
+        """The torch device of this process (cuda:LOCAL_RANK, cpu, or the XLA device; cpu on jax, where the
+        mesh places the model, so `model.to(args.device)` in a transformers script is harmless)."""
+        from .process_layout import torch_device
+
+        return torch_device(self)
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs this process drives."""
+        from .process_layout import gpus_used
+
+        return gpus_used(self)
+
+    @property
+    def parallel_mode(self):
+        from .process_layout import parallel_mode
+
+        return parallel_mode(self)
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the run."""
+        from .process_layout import process_layout
+
+        return process_layout(self).world_size
+
+    @property
+    def process_index(self) -> int:
+        from .process_layout import process_layout
+
+        return process_layout(self).process_index
+
+    @property
+    def local_process_index(self) -> int:
+        from .process_layout import process_layout
+
+        return process_layout(self).local_process_index
+
+    @property
+    def train_batch_size(self) -> int:
+        """Training batch size of this process per device group: per_device_train_batch_size x max(1, n_gpu)."""
+        return self.per_device_train_batch_size * max(1, self.n_gpu)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size * max(1, self.n_gpu)
+
+    @property
+    def ddp_timeout_delta(self):
+        import datetime
+
+        return datetime.timedelta(seconds=self.ddp_timeout)
+
+    @property
+    def place_model_on_device(self) -> bool | None:
+        """transformers' hook for integrations that place the model themselves; None (the Trainer decides)."""
+        return None
+
+    @property
+    def _no_sync_in_gradient_accumulation(self) -> bool:
+        return not self.deepspeed
+
+    @property
+    def should_log(self) -> bool:
+        """Whether this process logs: the main process, or each node's with log_on_each_node."""
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        """Whether this process writes files: the main process, or each node's with save_on_each_node."""
+        return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
+
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        """Context manager: the main process (of each node with local=True) runs the block first, then the
+        others; a real barrier across the run's processes on every backend."""
+        from .process_layout import main_process_first
+
+        return main_process_first(self, local=local, desc=desc)
+
+    def get_process_log_level(self) -> int:
+        """The log level for this process: `log_level` on the main one, `log_level_replica` elsewhere."""
+        level = LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica]
+        return logging.getLogger("xtrainer").getEffectiveLevel() if level == -1 else level
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
-        """Warmup steps: `warmup_steps` itself when >= 1, else that fraction of the total steps (rounded up)."""
+        """Warmup steps: `warmup_steps` itself when >= 1, else that ratio of the total steps (rounded up)."""
         if self.warmup_steps >= 1:
             return int(self.warmup_steps)
         return math.ceil(num_training_steps * self.warmup_steps)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON-friendly values, written as transformers writes them.
-
-        Enums become their values, `*_token` fields are masked, `accelerator_config` becomes a dict, a
-        `parallelism_config` its JSON, and every `dtype` entry (nested ones included) a name like
-        "float32". The transformers 4.x aliases are left out (they are mapped onto their 5.x fields).
-        """
+        """The init fields as JSON-friendly values: enums as their strings, `*_token` values masked."""
         out = {}
         for f in dataclasses.fields(self):
             if not f.init or f.name in _REMOVED_ALIASES:
                 continue
-            out[f.name] = _serialisable(f.name, getattr(self, f.name))
-        _dtypes_to_names(out)
+            value = getattr(self, f.name)
+            if isinstance(value, Enum):
+                value = value.value
+            elif isinstance(value, list) and value and isinstance(value[0], Enum):
+                value = [v.value for v in value]
+            elif isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if f.name.endswith("_token"):  # masked whether set or not, as transformers writes it
+                value = f"<{f.name.upper()}>"
+            if isinstance(value, AcceleratorConfig):
+                value = value.to_dict()
+            if f.name == "parallelism_config" and hasattr(value, "to_json"):
+                value = value.to_json()
+            out[f.name] = value
+        _dtypes_to_str(out)
         return out
 
     def to_json_string(self) -> str:
-        """to_dict() as indented JSON."""
         return json.dumps(self.to_dict(), indent=2)
 
     def to_sanitized_dict(self) -> dict[str, Any]:
-        """to_dict() plus the batch sizes, flattened to bool/int/float/str (others stringified), e.g. for hparams."""
+        """A flat dict of bool/int/float/str values (others stringified), e.g. for TensorBoard hparams."""
         d = {**self.to_dict(), "train_batch_size": self.train_batch_size, "eval_batch_size": self.eval_batch_size}
-        plain = (bool, int, float, str)
-        torch = sys.modules.get("torch")
-        tensor = (torch.Tensor,) if torch is not None else ()
-        return {k: v if type(v) in plain or isinstance(v, tensor) else str(v) for k, v in d.items()}
+        return {k: v if type(v) in (bool, int, float, str) else str(v) for k, v in d.items()}
 
     def __str__(self) -> str:
-        lines = []
-        for f in sorted(dataclasses.fields(self), key=lambda f: f.name):
-            value = getattr(self, f.name)
-            if f.name.endswith("_token"):
-                value = f"<{f.name.upper()}>"
-            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-                value = dataclasses.asdict(value)
-            lines.append(f"{f.name}={_str_value(value)},\n")
-        return f"{type(self).__name__}(\n{''.join(lines)})"
+        body = "".join(f"{k}={v!r},\n" for k, v in sorted(self.to_dict().items()))
+        return f"{type(self).__name__}(\n{body})"
 
     __repr__ = __str__
-
-
-def _serialisable(name: str, value):
-    if name.endswith("_token"):  # masked whether set or not, as transformers writes it
-        return f"<{name.upper()}>"
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, list) and value and isinstance(value[0], Enum):
-        return [v.value for v in value]
-    if isinstance(value, AcceleratorConfig) or type(value).__name__ == "AcceleratorConfig":
-        return value.to_dict()
-    if name == "parallelism_config" and value is not None and hasattr(value, "to_json"):
-        return value.to_json()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
-def _dtypes_to_names(d: dict) -> None:
-    """Every non-string `dtype` entry of d and its nested dicts becomes its short name (torch.float32 -> "float32")."""
-    if d.get("dtype") is not None and not isinstance(d["dtype"], str):
-        d["dtype"] = str(d["dtype"]).split(".")[-1]
-    for value in d.values():
-        if isinstance(value, dict):
-            _dtypes_to_names(value)
-
-
-def _str_value(value) -> str:
-    # transformers' __str__ prints enums as Class.MEMBER (its enums keep Enum's str()); ours print the
-    # value by default, so the class and member are spelled out here.
-    if isinstance(value, Enum):
-        return f"{type(value).__name__}.{value.name}"
-    return f"{value}"
-
-
-def _parse_debug(value) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = value.split()
-    return [_to_enum(DebugOption, v, "debug") for v in value]
-
-
-def _normalise_report_to(report_to) -> list[str]:
-    """report_to as a list of names: "all" = every installed integration, "none"/None = none.
-
-    A Kubeflow TrainJob (KUBEFLOW_TRAINER_SERVER_URL set) adds "kubeflow", as transformers does,
-    unless DISABLE_KUBEFLOW_INTEGRATION=TRUE.
-    """
-    from .integrations import available_integrations, kubeflow_requested
-
-    if report_to in (None, "none", ["none"]):
-        names = []
-    elif isinstance(report_to, str):
-        names = [report_to]
-    else:
-        names = list(report_to)
-    if "all" in names:
-        names = available_integrations()
-    if kubeflow_requested() and "kubeflow" not in names:
-        names.append("kubeflow")
-    return names
 
 
 @dataclass
@@ -748,7 +735,7 @@ class Seq2SeqTrainingArguments(TrainingArguments):
             # sorted by length within chunks, which is what the length-grouped sampler does.
             strategy = str(getattr(self.train_sampling_strategy, "value", self.train_sampling_strategy))
             if strategy == "random":
-                self.train_sampling_strategy = TrainSamplingStrategy.GROUP_BY_LENGTH.value
+                self.train_sampling_strategy = TrainSamplingStrategy("group_by_length")
             elif strategy != "group_by_length":
                 warnings.warn(
                     f"sortish_sampler=True is ignored: train_sampling_strategy={strategy!r} was chosen explicitly.",

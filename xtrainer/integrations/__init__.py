@@ -7,10 +7,10 @@ Each integration is a `TrainerCallback` in its own module, imported only when it
 | `tensorboard` | `TensorBoardCallback` | TensorBoard event files under `output_dir/runs/...`        |
 | `jsonl`       | `JsonlCallback`       | `output_dir/log_history.jsonl`, one JSON object per log    |
 | `wandb`       | `WandbCallback`       | a Weights & Biases run (honours `WANDB_MODE=offline`)      |
-| `kubeflow`    | `KubeflowCallback`    | progress posts to a Kubeflow TrainJob's controller         |
+| `kubeflow`    | `KubeflowCallback`    | progress posts to the Kubeflow Trainer controller; added to report_to by itself inside a Kubeflow TrainJob |
 
 `report_to="all"` means every installed one, `"none"` / `None` / `[]` nothing (transformers'
-default is `"none"`, and so is ours). Inside a Kubeflow TrainJob, "kubeflow" is added by itself.
+default is `"none"`, and so is ours).
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ _INTEGRATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
+def _environment_ready(name: str) -> bool:
+    """Integrations that only work inside a given environment (Kubeflow's controller)."""
+    if name == "kubeflow":
+        from .kubeflow import kubeflow_requested
+
+        return kubeflow_requested()
+    return True
+
+
 def _installed(package: str) -> bool:
     try:
         return importlib.util.find_spec(package) is not None
@@ -39,22 +48,10 @@ def integration_names() -> list[str]:
     return list(_INTEGRATIONS)
 
 
-def kubeflow_requested() -> bool:
-    """Whether this process runs in a Kubeflow TrainJob that wants progress reports (report_to gains "kubeflow")."""
-    from .kubeflow import requested
-
-    return requested()
-
-
 def available_integrations() -> list[str]:
-    """The integrations whose packages are installed here (what report_to="all" reports to).
-
-    "kubeflow" needs no package but a TrainJob: it counts only inside one.
-    """
-    return [
-        name for name, (_, _, needs) in _INTEGRATIONS.items()
-        if all(_installed(p) for p in needs) and (name != "kubeflow" or kubeflow_requested())
-    ]
+    """The integrations whose packages are installed here (what report_to="all" reports to)."""
+    return [name for name, (_, _, needs) in _INTEGRATIONS.items()
+            if all(_installed(p) for p in needs) and _environment_ready(name)]
 
 
 def resolve_report_to(report_to) -> list[str]:
@@ -109,7 +106,6 @@ __all__ = [
     "available_integrations",
     "get_reporting_integration_callbacks",
     "integration_names",
-    "kubeflow_requested",
     "reporting_callbacks",
     "resolve_report_to",
 ]

@@ -70,10 +70,6 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(list(multi["losses"].values()), list(single["losses"].values()), rtol=1e-5)
     for a, b in zip(multi["params"], single["params"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # TrainingArguments across hosts: main_process_first(local=False) made process 1 wait for process 0, and
-    # with log_on_each_node=False process 1 logs at log_level_replica ("info"), process 0 at log_level ("error").
-    seen = [json.loads((tmp_path / f"multi.process{i}.json").read_text()) for i in range(2)]
-    assert seen[1]["saw_marker"] and [s["level"] for s in seen] == [40, 20]
     # Checkpoints written by the two processes together resume (here: on two processes again).
     assert sorted(os.listdir(tmp_path / "multi")) == ["checkpoint-3", "checkpoint-6"]
     shutil.rmtree(tmp_path / "multi" / "checkpoint-6")

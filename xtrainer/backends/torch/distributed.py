@@ -35,17 +35,10 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     fsdp: bool = False
-    save_on_each_node: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def writes_checkpoints(self) -> bool:
-        """Whether this process writes the replicated checkpoint files: rank 0, or with save_on_each_node
-        the first process of every node (each node then holds a whole checkpoint in its own output_dir)."""
-        return self.local_rank == 0 if self.save_on_each_node else self.rank == 0
 
     @property
     def sharded(self) -> bool:
@@ -78,21 +71,12 @@ def init_from_env(args) -> DistInfo:
         dist.init_process_group(backend=backend, timeout=timeout)
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    info = DistInfo(
+    return DistInfo(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         fsdp=_wants_fsdp(args),
-        save_on_each_node=bool(getattr(args, "save_on_each_node", False)),
     )
-    nodes_unknown_or_many = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) < info.world_size
-    if info.fsdp and info.save_on_each_node and nodes_unknown_or_many:
-        # The same condition on every rank, so every rank refuses alike (no rank waits in a collective).
-        raise ValueError(
-            "save_on_each_node=True cannot be combined with FSDP on several nodes: the full model is gathered on "
-            "rank 0 only. Put output_dir on storage every node shares and leave save_on_each_node off."
-        )
-    return info
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -171,19 +155,18 @@ def wrap_model(model: nn.Module, args, info: DistInfo, device: torch.device) -> 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=_find_unused_parameters(model, args), **_ddp_options(args)
-    )
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs(model, args))
 
 
-def _ddp_options(args) -> dict:
-    """The DDP keywords TrainingArguments sets explicitly (ddp_bucket_cap_mb, ddp_broadcast_buffers, ddp_static_graph)."""
-    options = {
-        "bucket_cap_mb": getattr(args, "ddp_bucket_cap_mb", None),
-        "broadcast_buffers": getattr(args, "ddp_broadcast_buffers", None),
-        "static_graph": getattr(args, "ddp_static_graph", None),
-    }
-    return {k: v for k, v in options.items() if v is not None}
+def ddp_kwargs(model: nn.Module, args) -> dict:
+    """DistributedDataParallel options from the arguments (transformers' ddp_* fields; unset ones keep torch's)."""
+    kwargs = {"find_unused_parameters": _find_unused_parameters(model, args)}
+    for option, field in (("bucket_cap_mb", "ddp_bucket_cap_mb"), ("broadcast_buffers", "ddp_broadcast_buffers"),
+                          ("static_graph", "ddp_static_graph")):
+        value = getattr(args, field, None)
+        if value is not None:
+            kwargs[option] = value
+    return kwargs
 
 
 def no_sync(model: nn.Module):
