@@ -154,7 +154,10 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "logging_strategy": front("test_logging"),
     "logging_steps": front("test_logging"),
     "logging_first_step": front("test_logging"),
-    "log_on_each_node": front("test_process_roles"),
+    "log_on_each_node": per_backend(
+        torch=_acts(FRONT + "test_process_roles", "tests/args/test_two_nodes.py::test_two_torch_nodes"),
+        jax=_acts(FRONT + "test_process_roles", "tests/backends/jax/test_multihost.py::test_two_processes_match_one_process"),
+        torch_xla=_acts(FRONT + "test_process_roles")),
     "logging_nan_inf_filter": front("test_logging_nan_inf_filter"),
     "nan_policy": per_backend(torch=_acts("tests/fault/test_nan_policy.py::test_torch_skip_equals_run_without_the_bad_batch"),
                               jax=_acts("tests/fault/test_nan_policy.py::test_jax_skip_equals_run_without_the_bad_batch_with_no_host_sync"),
@@ -180,7 +183,10 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "save_steps": front("test_saving_and_rotation"),
     "save_total_limit": front("test_saving_and_rotation"),
     "save_only_model": front("test_saving_and_rotation"),
-    "save_on_each_node": front("test_process_roles"),
+    "save_on_each_node": per_backend(
+        torch=_acts(FRONT + "test_process_roles", "tests/args/test_two_nodes.py::test_two_torch_nodes",
+                    note="each node's first process writes a whole checkpoint into its own output_dir"),
+        jax=_acts(FRONT + "test_process_roles"), torch_xla=_acts(FRONT + "test_process_roles")),
     "load_best_model_at_end": front("test_best_model"),
     "metric_for_best_model": front("test_best_model"),
     "greater_is_better": front("test_best_model"),
