@@ -66,6 +66,12 @@ def front(*tests: str, note: str = "") -> dict[str, Any]:
     return everywhere(_acts(*(FRONT + t for t in tests), note=note))
 
 
+def _optimizer_proof() -> dict[str, Any]:
+    """The optimizer hyperparameters: they change the weights (front test) and exactly as AdamW does (numpy reference)."""
+    return everywhere(_acts(FRONT + "test_optimizer_fields",
+                            "tests/args/test_adamw_reference.py::test_adamw_hyperparameters_reach_the_update"))
+
+
 def per_backend(torch, jax, torch_xla) -> dict[str, Any]:
     return {"torch": torch, "jax": jax, "torch_xla": torch_xla}
 
@@ -107,11 +113,11 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "optim_args": front("test_optimizer_fields"),
     "optim_target_modules": everywhere(NoEffect("only GaLore / APOLLO optimizers read it, and no such optimizer runs "
                                                 "in this version; leave it unset")),
-    "weight_decay": front("test_optimizer_fields"),
-    "adam_beta1": front("test_optimizer_fields"),
-    "adam_beta2": front("test_optimizer_fields"),
-    "adam_epsilon": front("test_optimizer_fields"),
-    "max_grad_norm": front("test_optimizer_fields"),
+    "weight_decay": _optimizer_proof(),
+    "adam_beta1": _optimizer_proof(),
+    "adam_beta2": _optimizer_proof(),
+    "adam_epsilon": _optimizer_proof(),
+    "max_grad_norm": _optimizer_proof(),
     "label_smoothing_factor": per_backend(
         torch=_acts("tests/parity/test_hf_trainer_parity.py::test_label_smoothing_matches_hf", BACK + "test_label_smoothing"),
         jax=NoEffect("label smoothing is computed by the torch backends only in this version; smooth the targets in "
