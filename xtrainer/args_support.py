@@ -202,7 +202,11 @@ SUPPORT: dict[str, dict[str, Any]] = {
         torch=_acts("tests/fault/test_safe_loading.py::test_opt_in_unpickles_fully"),
         jax=NoEffect("orbax checkpoints hold arrays, not pickles: there is nothing unsafe to allow"),
         torch_xla=_acts("tests/fault/test_safe_loading.py::test_opt_in_unpickles_fully")),
-    "enable_jit_checkpoint": front("test_sigterm_checkpoint_needs_enable_jit_checkpoint"),
+    "enable_jit_checkpoint": per_backend(
+        torch=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint"),
+        jax=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint",
+                  "tests/args/test_jax_sigterm_default.py::test_sigterm_outside_train_on_a_multi_host_jax_run"),
+        torch_xla=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint")),
     # ---- reproducibility and hardware
     "seed": front("test_data_order"),
     "data_seed": front("test_data_order"),
