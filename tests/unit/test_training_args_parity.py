@@ -3,7 +3,6 @@ to_dict / to_json_string / to_sanitized_dict / str, setters and process methods 
 
 import dataclasses
 import json
-import warnings
 
 import pytest
 
@@ -20,7 +19,6 @@ INTENTIONAL_DEFAULT_DIFFERENCES: dict[str, str] = {}
 HAS_ACTIVATION_CHECKPOINTING = "activation_checkpointing" in {
     f.name for f in dataclasses.fields(transformers.TrainingArguments)}
 VERSION_DIFFERENCES = set() if HAS_ACTIVATION_CHECKPOINTING else {"gradient_checkpointing"}
-
 
 
 def make(**kwargs):
@@ -58,11 +56,11 @@ def test_every_transformers_field_is_a_field_here_with_its_default(ours, theirs)
     assert all(mine[name].metadata.get("help") for name in mine)  # every field has --help text
 
 
-# Choices that differ from transformers' until other work lands (name -> why). The lead empties this when
-# the optimizer/schedule work (every optim value and lr_scheduler_type) is merged.
+# Choice lists that differ from transformers' (name -> why); the parser refuses the values xtrainer lacks and
+# names the valid ones. Remove an entry once the lists agree.
 CHOICES_PENDING = {
-    "optim": "xtrainer implements a subset of transformers' optimizers (the optimizer work extends it)",
-    "lr_scheduler_type": "xtrainer lacks 'cosine_warmup_with_min_lr' and 'greedy' (the schedule work adds them)",
+    "optim": "xtrainer implements a subset of transformers' optimizers (and names a few of its own)",
+    "lr_scheduler_type": "xtrainer lacks 'cosine_warmup_with_min_lr' and 'greedy'",
 }
 # Fields whose parser type differs on purpose (name -> why).
 PARSER_TYPE_DIFFERENCES = {
