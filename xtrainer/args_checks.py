@@ -10,6 +10,7 @@ from .trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 BACKENDS = ("auto", "jax", "torch", "torch_xla")
 LOG_LEVELS = {
+    "detail": logging.DEBUG,  # transformers' name for debug with file names and line numbers
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,

@@ -67,6 +67,12 @@ def front(*tests: str, note: str = "") -> dict[str, Any]:
     return everywhere(_acts(*(FRONT + t for t in tests), note=note))
 
 
+def _optimizer_proof() -> dict[str, Any]:
+    """The optimizer hyperparameters: they change the weights (front test) and exactly as AdamW does (numpy reference)."""
+    return everywhere(_acts(FRONT + "test_optimizer_fields",
+                            "tests/args/test_adamw_reference.py::test_adamw_hyperparameters_reach_the_update"))
+
+
 def per_backend(torch, jax, torch_xla) -> dict[str, Any]:
     return {"torch": torch, "jax": jax, "torch_xla": torch_xla}
 
@@ -108,11 +114,11 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "optim_args": front("test_optimizer_fields"),
     "optim_target_modules": everywhere(NoEffect("only GaLore / APOLLO optimizers read it, and no such optimizer runs "
                                                 "in this version; leave it unset")),
-    "weight_decay": front("test_optimizer_fields"),
-    "adam_beta1": front("test_optimizer_fields"),
-    "adam_beta2": front("test_optimizer_fields"),
-    "adam_epsilon": front("test_optimizer_fields"),
-    "max_grad_norm": front("test_optimizer_fields"),
+    "weight_decay": _optimizer_proof(),
+    "adam_beta1": _optimizer_proof(),
+    "adam_beta2": _optimizer_proof(),
+    "adam_epsilon": _optimizer_proof(),
+    "max_grad_norm": _optimizer_proof(),
     "label_smoothing_factor": per_backend(
         torch=_acts("tests/parity/test_hf_trainer_parity.py::test_label_smoothing_matches_hf", BACK + "test_label_smoothing"),
         jax=NoEffect("label smoothing is computed by the torch backends only in this version; smooth the targets in "
@@ -155,7 +161,10 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "logging_strategy": front("test_logging"),
     "logging_steps": front("test_logging"),
     "logging_first_step": front("test_logging"),
-    "log_on_each_node": front("test_process_roles"),
+    "log_on_each_node": per_backend(
+        torch=_acts(FRONT + "test_process_roles", "tests/args/test_two_nodes.py::test_two_torch_nodes"),
+        jax=_acts(FRONT + "test_process_roles", "tests/backends/jax/test_multihost.py::test_two_processes_match_one_process"),
+        torch_xla=_acts(FRONT + "test_process_roles")),
     "logging_nan_inf_filter": front("test_logging_nan_inf_filter"),
     "nan_policy": per_backend(torch=_acts("tests/fault/test_nan_policy.py::test_torch_skip_equals_run_without_the_bad_batch"),
                               jax=_acts("tests/fault/test_nan_policy.py::test_jax_skip_equals_run_without_the_bad_batch_with_no_host_sync"),
@@ -181,7 +190,10 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "save_steps": front("test_saving_and_rotation"),
     "save_total_limit": front("test_saving_and_rotation"),
     "save_only_model": front("test_saving_and_rotation"),
-    "save_on_each_node": front("test_process_roles"),
+    "save_on_each_node": per_backend(
+        torch=_acts(FRONT + "test_process_roles", "tests/args/test_two_nodes.py::test_two_torch_nodes",
+                    note="each node's first process writes a whole checkpoint into its own output_dir"),
+        jax=_acts(FRONT + "test_process_roles"), torch_xla=_acts(FRONT + "test_process_roles")),
     "load_best_model_at_end": front("test_best_model"),
     "metric_for_best_model": front("test_best_model"),
     "greater_is_better": front("test_best_model"),
@@ -191,7 +203,11 @@ SUPPORT: dict[str, dict[str, Any]] = {
         torch=_acts("tests/fault/test_safe_loading.py::test_opt_in_unpickles_fully"),
         jax=NoEffect("orbax checkpoints hold arrays, not pickles: there is nothing unsafe to allow"),
         torch_xla=_acts("tests/fault/test_safe_loading.py::test_opt_in_unpickles_fully")),
-    "enable_jit_checkpoint": front("test_sigterm_checkpoint_needs_enable_jit_checkpoint"),
+    "enable_jit_checkpoint": per_backend(
+        torch=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint"),
+        jax=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint",
+                  "tests/args/test_jax_sigterm_default.py::test_sigterm_outside_train_on_a_multi_host_jax_run"),
+        torch_xla=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint")),
     # ---- reproducibility and hardware
     "seed": front("test_data_order"),
     "data_seed": front("test_data_order"),

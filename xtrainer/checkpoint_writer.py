@@ -68,7 +68,10 @@ class CheckpointWriter:
 
     @property
     def is_main(self) -> bool:
-        return self.backend.process_index == 0
+        """Whether this process owns the checkpoint directory (prepares, completes, publishes and rotates it):
+        process 0, or on a backend that writes a checkpoint per node (torch with save_on_each_node) the first
+        process of each node, into that node's own output_dir."""
+        return bool(getattr(self.backend, "writes_checkpoint_files", self.backend.process_index == 0))
 
     # ------------------------------------------------------------------ the protocol
 

@@ -1,6 +1,7 @@
 """Multi-host JAX through jax.distributed: 2 processes x 2 CPU devices on localhost == 1 process x 4 devices."""
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -70,6 +71,11 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(list(multi["losses"].values()), list(single["losses"].values()), rtol=1e-5)
     for a, b in zip(multi["params"], single["params"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # TrainingArguments across hosts: main_process_first(local=False) made process 1 wait for process 0; with
+    # log_on_each_node=False process 1 logs at log_level_replica ("info"), process 0 at log_level ("error").
+    seen = [json.loads((tmp_path / f"multi.process{i}.json").read_text()) for i in range(2)]
+    assert seen[1]["saw_marker"] and [s["level"] for s in seen] == [logging.ERROR, logging.INFO]
+    assert [s["should_log"] for s in seen] == [True, False] and [s["should_save"] for s in seen] == [True, False]
     # Checkpoints written by the two processes together resume (here: on two processes again).
     assert sorted(os.listdir(tmp_path / "multi")) == ["checkpoint-3", "checkpoint-6"]
     shutil.rmtree(tmp_path / "multi" / "checkpoint-6")

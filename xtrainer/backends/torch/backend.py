@@ -179,6 +179,12 @@ class TorchBackend:
     def is_fsdp_enabled(self) -> bool:
         return self.dist.fsdp
 
+    @property
+    def writes_checkpoint_files(self) -> bool:
+        """Whether this process owns checkpoint directories (checkpoint_writer): rank 0, or with save_on_each_node
+        the first process of each node."""
+        return self.dist.writes_checkpoints
+
     def _pick_device(self, args) -> torch.device:
         if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
             return torch.device("cpu")
@@ -498,7 +504,7 @@ class TorchBackend:
 
         copy=True: a host copy, for a write that happens later while training goes on (tied weights stay tied)."""
         gathered = state_io.gather_model_state(self.model, self.dist)
-        if copy and gathered is None and self.dist.is_main:
+        if copy and gathered is None and self.dist.writes_checkpoints:
             return save_snapshot.host_copy(self.model.state_dict())
         return gathered
 

@@ -35,10 +35,18 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     fsdp: bool = False
+    save_on_each_node: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        """Whether this process writes the replicated checkpoint files and owns the checkpoint directory: rank 0,
+        or with save_on_each_node the first process of every node (each node then holds a whole checkpoint in
+        its own output_dir, as transformers writes it)."""
+        return self.local_rank == 0 if self.save_on_each_node else self.rank == 0
 
     @property
     def sharded(self) -> bool:
@@ -71,12 +79,21 @@ def init_from_env(args) -> DistInfo:
         dist.init_process_group(backend=backend, timeout=timeout)
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return DistInfo(
+    info = DistInfo(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         fsdp=_wants_fsdp(args),
+        save_on_each_node=bool(getattr(args, "save_on_each_node", False)),
     )
+    several_nodes = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) < info.world_size
+    if info.sharded and info.save_on_each_node and several_nodes:
+        # The same condition on every rank, so every rank refuses alike (none waits in a collective).
+        raise ValueError(
+            "save_on_each_node=True cannot be combined with FSDP on several nodes: the full model is gathered on "
+            "rank 0 only. Put output_dir on storage every node shares and leave save_on_each_node off."
+        )
+    return info
 
 
 def unwrap(module: nn.Module) -> nn.Module:

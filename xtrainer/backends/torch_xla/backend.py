@@ -226,8 +226,7 @@ class TorchXlaBackend(TorchBackend):
             raise TypeError(f"backend='torch_xla' needs a torch.nn.Module, got {type(model).__name__}.")
         if args.fp16:
             raise ValueError("fp16=True is not supported by backend='torch_xla'; use bf16=True (XLA's native half type).")
-        if args.torch_compile:
-            warnings.warn("torch_compile is ignored by backend='torch_xla': XLA already compiles every step.", stacklevel=3)
+        # torch_compile=True has no effect here: xtrainer/args_support.py warns once, with the other such fields.
         spmd.ensure_spmd()
         if xr.process_count() > 1:
             raise NotImplementedError(
