@@ -39,6 +39,7 @@ from .loaders import DatasetLoader
 from .integrations import reporting_callbacks
 from .loop_support import LossTracker, StepEvents, prefetch_one, speed_metrics
 from .nan_policy import NanMonitor
+from .optimizers import check_optimizer_setup, scheduler_needs_metric
 from .throughput import ThroughputMeter
 from .trainer_utils import (
     EvalLoopOutput,
@@ -79,6 +80,7 @@ class Trainer:
         compute_metrics: Callable | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
         **deprecated,
     ):
@@ -105,6 +107,9 @@ class Trainer:
         self.backend = get_backend(resolve_backend_name(self.args.backend, model))
         self.compute_loss_func = compute_loss_func
         self.model = self.backend.prepare(model, self.args, compute_loss_func=compute_loss_func)
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs
+        check_optimizer_setup(self.args, self.backend.name, getattr(getattr(self.backend, "device", None), "type", None),
+                              optimizers, optimizer_cls_and_kwargs)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.processing_class = processing_class
         self.data_collator = data_collator or _default_collator(processing_class)
@@ -265,7 +270,8 @@ class Trainer:
         self.state.is_hyper_param_search = trial is not None
         self.state.train_batch_size = args.per_device_train_batch_size * backend.local_batch_devices
         self.state.compute_steps(args, max_steps)
-        self._backend_state = backend.init_state(max_steps, self.optimizers)
+        self._backend_state = backend.init_state(max_steps, self.optimizers,
+                                                 optimizer_cls_and_kwargs=self.optimizer_cls_and_kwargs)
         epochs_done, skip_batches = 0, 0
         if resume_dir is not None:
             self.state = TrainerState.load_from_json(os.path.join(resume_dir, ckpt.TRAINER_STATE_NAME))
@@ -500,6 +506,10 @@ class Trainer:
             key = self._metric_key()
             if key in metrics:
                 self.backend.on_eval_metric(self._backend_state, metrics[key])
+            elif scheduler_needs_metric(self.args, self.lr_scheduler):
+                raise KeyError(f"The metric-driven lr scheduler follows metric_for_best_model={key!r}, which is not "
+                               f"among the evaluation metrics {sorted(metrics)}; return it from compute_metrics or "
+                               "change metric_for_best_model.")
         return metrics
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

@@ -83,8 +83,13 @@ class Backend(Protocol):
     def counts_label_items(self) -> tuple[bool, bool]:
         """(whether the loss is normalised by num_items_in_batch, whether it shifts labels)."""
 
-    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> Any:
-        """Builds optimizer and lr schedule state for a training run of num_training_steps."""
+    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None),
+                   optimizer_cls_and_kwargs: tuple | None = None) -> Any:
+        """Builds optimizer and lr schedule state for a training run of num_training_steps.
+
+        `optimizers` is the Trainer's (optimizer, scheduler) pair (None: built from the arguments);
+        `optimizer_cls_and_kwargs` its (class or factory, kwargs) that replaces the `optim` choice.
+        """
 
     def shard_batch(self, batch: HostBatch) -> Any:
         """Moves one host micro-batch to the device(s); may run ahead of use."""

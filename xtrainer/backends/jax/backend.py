@@ -18,12 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ...schedules import plateau_from_args, plateau_update, schedule_from_args
+from ...schedules import (
+    load_metric_schedule,
+    metric_schedule_from_args,
+    metric_schedule_update,
+    save_metric_schedule,
+    schedule_from_args,
+)
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
 from . import multihost, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
+from . import optim
 from .optim import build_optimizer
 from .step import StepConfig, init_nan_counters, make_eval_step, make_train_step
 
@@ -109,7 +116,7 @@ class JaxBackend:
         self.extra = self._globalize(self.adapter.extra, self.replicated)
         self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
         self._host_step = 0
-        self._plateau = None
+        self._metric_schedule = None  # reduce_lr_on_plateau / greedy state, fed by evaluation metrics
         return model
 
     def model_input_names(self) -> list[str] | None:
@@ -130,12 +137,12 @@ class JaxBackend:
             shifts = type(self.model).__name__.endswith("ForCausalLM")
         return True, bool(shifts)
 
-    def _step_config(self, num_training_steps: int) -> StepConfig:
+    def _step_config(self, num_training_steps: int, learning_rate: float) -> StepConfig:
         args = self.args
-        self._plateau = plateau_from_args(args)
+        self._metric_schedule = metric_schedule_from_args(args)
         schedule = schedule_from_args(args, num_training_steps)
         return StepConfig(
-            learning_rate=args.learning_rate,
+            learning_rate=learning_rate,
             schedule=schedule,
             max_grad_norm=args.max_grad_norm,
             compute_dtype=self.compute_dtype,
@@ -144,9 +151,12 @@ class JaxBackend:
             nan_policy=getattr(args, "nan_policy", "ignore"),
         )
 
-    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> dict:
-        self.config = self._step_config(num_training_steps)
-        self.tx = optimizers[0] if optimizers[0] is not None else build_optimizer(self.args)
+    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None),
+                   optimizer_cls_and_kwargs: tuple | None = None) -> dict:
+        # The peak lr the schedule scales: the one optimizer_cls_and_kwargs names, as its torch kwargs' lr would be.
+        peak = dict((optimizer_cls_and_kwargs or (None, {}))[1]).get("learning_rate", self.args.learning_rate)
+        self.config = self._step_config(num_training_steps, peak)
+        self.tx = optimizers[0] if optimizers[0] is not None else build_optimizer(self.args, optimizer_cls_and_kwargs)
         opt_state = jax.jit(self.tx.init)(self.params)  # moment shardings follow the params'
         state = {
             "step": jnp.zeros((), jnp.int32),
@@ -297,15 +307,17 @@ class JaxBackend:
         events.pre_optimizer_step()
         events.optimizer_step()
         multiplier = self.config.schedule(self._host_step)
-        if self._plateau is not None:
-            multiplier = self._plateau.multiplier
-        learning_rate = float(self.args.learning_rate * multiplier)
+        if self._metric_schedule is not None:
+            multiplier = self._metric_schedule.multiplier
+        learning_rate = float(self.config.learning_rate * multiplier)
         self._host_step += 1
         return state, StepMetrics(loss=metrics["loss"], grad_norm=metrics["grad_norm"], learning_rate=learning_rate,
                                   nonfinite=metrics.get("nan"))
 
     def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
+        if state is not None and optim.is_schedule_free(state["opt_state"]):
+            params = self._schedule_free_eval_params(state)  # optimizer.eval() on torch
         has_labels = bool(label_names) and all(k in batch.arrays for k in label_names)
         with_items = num_items_in_batch is not None and has_labels
         key = (has_labels, with_items)
@@ -359,11 +371,20 @@ class JaxBackend:
 
         return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
+    def _schedule_free_eval_params(self, state):
+        """The averaged weights x of a schedule-free optimizer, computed once per state (not per eval batch)."""
+        cached = getattr(self, "_eval_params_cache", (None, None))
+        if cached[0] is not state["opt_state"]:
+            fn = getattr(self, "_eval_params_fn", None) or jax.jit(optim.eval_params)
+            self._eval_params_fn = fn
+            cached = self._eval_params_cache = (state["opt_state"], fn(state["opt_state"], state["params"]))
+        return cached[1]
+
     def on_eval_metric(self, state, value: float) -> None:
-        if self._plateau is None:
+        if self._metric_schedule is None:
             return
-        self._plateau = plateau_update(self._plateau, value)
-        state["lr_scale"] = self._replicate(np.float32(self._plateau.multiplier))
+        self._metric_schedule = metric_schedule_update(self._metric_schedule, value)
+        state["lr_scale"] = self._replicate(np.float32(self._metric_schedule.multiplier))
 
     # ------------------------------------------------------------------ state I/O
 
@@ -371,12 +392,16 @@ class JaxBackend:
         if save_only_model:
             state = {"params": state["params"], "extra": state["extra"]}
         state_io.save_state(_without_run_counters(state), directory)
+        if self._metric_schedule is not None and not save_only_model and self.process_index == 0:
+            save_metric_schedule(self._metric_schedule, directory)
 
     def restore(self, state, directory: str):
         restored = state_io.restore_state(_without_run_counters(state), directory)
         if "nan" in state:  # the non-finite counters belong to this run, not to the checkpoint
             restored["nan"] = state["nan"]
         self._host_step = int(jax.device_get(restored["step"]))
+        if self._metric_schedule is not None:
+            self._metric_schedule = load_metric_schedule(self._metric_schedule, directory)
         return restored
 
     def load_model_weights(self, state, directory: str) -> None:

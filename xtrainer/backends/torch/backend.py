@@ -8,7 +8,6 @@ produce the same log history and weights.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
-from . import distributed, state_io
+from . import distributed, optim, state_io
 from .nan_guard import make_nan_guard
 from .optim import build_optimizer
+from .schedulers import MetricDrivenScheduler, PlateauScheduler, build_lr_scheduler, current_lr  # noqa: F401
+from .schedulers import is_metric_driven, step_with_metric
 
 
 @dataclass
@@ -34,51 +34,6 @@ class TorchState:
     scheduler: Any = None
     scaler: Any = None
     nan_guard: Any = None  # nan_guard.NanGuard under nan_policy "skip"/"raise"
-
-
-class PlateauScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """reduce_lr_on_plateau driven by the shared pure `plateau_update`, checkpointable like any scheduler.
-
-    Stepping once per optimizer step leaves the lr alone; `observe(metric)` after each evaluation
-    may reduce it.
-    """
-
-    def __init__(self, optimizer, plateau_state):
-        self.plateau = plateau_state
-        super().__init__(optimizer)
-
-    def get_lr(self):
-        plateau = self.plateau
-        return [plateau.lr if base == plateau.base_lr else base * plateau.multiplier for base in self.base_lrs]
-
-    def observe(self, metric: float) -> None:
-        self.plateau = plateau_update(self.plateau, metric)
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
-        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def step(self, epoch=None):
-        self._step_count = getattr(self, "_step_count", 0) + 1
-        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self):
-        # Plain values only, so the file loads with weights_only=True.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "plateau")}
-        state["plateau"] = dataclasses.asdict(self.plateau)
-        return state
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.plateau = type(self.plateau)(**state_dict.pop("plateau"))
-        self.__dict__.update(state_dict)
-
-
-def build_lr_scheduler(optimizer, args, num_training_steps: int):
-    """A torch scheduler driven by the shared schedules: LambdaLR, or PlateauScheduler for reduce_lr_on_plateau."""
-    plateau = plateau_from_args(args)
-    if plateau is not None:
-        return PlateauScheduler(optimizer, plateau)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_from_args(args, num_training_steps))
 
 
 def _accepts_loss_kwargs(model: nn.Module) -> bool:
@@ -169,7 +124,8 @@ class TorchBackend:
         counts = self.accepts_loss_kwargs or self.compute_loss_func is not None
         return counts, self.shifts_labels
 
-    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> TorchState:
+    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None),
+                   optimizer_cls_and_kwargs: tuple | None = None) -> TorchState:
         args = self.args
         runner = distributed.wrap_model(self.model, args, self.dist, self.device)
         if args.torch_compile:
@@ -177,7 +133,9 @@ class TorchBackend:
                 runner, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode
             )
         optimizer, scheduler = optimizers
-        optimizer = optimizer or build_optimizer(runner if self.dist.fsdp else self.model, args)
+        optimizer = optimizer or build_optimizer(
+            runner if self.dist.fsdp else self.model, args, optimizer_cls_and_kwargs, device_type=self.device.type
+        )
         if scheduler is None:
             scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
         scaler = None
@@ -230,6 +188,10 @@ class TorchBackend:
     def train_step(self, state: TorchState, window: Sequence[dict], num_items_in_batch: int | None, events):
         model, optimizer = state.model, state.optimizer
         model.train()
+        optim.train_mode(optimizer)  # schedule-free optimizers: back to the training weights
+        lomo = optim.is_lomo(optimizer)  # LOMO updates inside its backward, at the lr before this step's schedule
+        scaler = None if lomo else state.scaler
+        lomo_lr = current_lr(state.scheduler, optimizer) if lomo else None
         num_items = self._num_items_tensor(num_items_in_batch)
         scaled_for_ga = (self.accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
         losses = []
@@ -241,15 +203,12 @@ class TorchBackend:
                     loss = self._compute_loss(model, inputs, num_items)
                 if not scaled_for_ga:
                     loss = loss / len(window)
-                if state.scaler is not None:
-                    state.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                optim.backward(loss, optimizer, lomo_lr, scaler)
             losses.append(loss.detach().float())
             if i < len(window) - 1:
                 events.substep_end()
-        if state.scaler is not None:
-            state.scaler.unscale_(optimizer)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
@@ -257,19 +216,21 @@ class TorchBackend:
         guarded = contextlib.nullcontext()
         if guard is not None:  # nan_policy skip/raise: the update is selected on device (nan_guard.py)
             guarded = guard.guarded_step(optimizer, guard.update(losses, grad_norm), state.scaler)
-        if state.scaler is not None:
-            scale_before = state.scaler.get_scale()
+        if scaler is not None:
+            scale_before = scaler.get_scale()
             with guarded:
-                state.scaler.step(optimizer)
-                state.scaler.update()
-            skipped = state.scaler.get_scale() < scale_before  # an overflow skips the step (and the schedule)
+                scaler.step(optimizer)
+                scaler.update()
+            skipped = scaler.get_scale() < scale_before  # an overflow skips the step (and the schedule)
         else:
-            with guarded:
-                optimizer.step()
+            if not lomo:  # LOMO's step is a no-op: its backward applied the update
+                with guarded:
+                    optimizer.step()
             skipped = False
         events.optimizer_step()
-        learning_rate = _current_lr(state.scheduler, optimizer)
-        if not skipped:
+        learning_rate = current_lr(state.scheduler, optimizer)
+        # A metric-driven scheduler (ReduceLROnPlateau, GreedyLR, ...) moves after evaluation instead.
+        if not skipped and not is_metric_driven(state.scheduler):
             state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # HF logs the mean over processes of each process's loss (its gathered tr_loss).
@@ -280,6 +241,8 @@ class TorchBackend:
     def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
         model = state.model if state is not None else self.model
         model.eval()
+        if state is not None:
+            optim.eval_mode(state.optimizer)  # schedule-free optimizers: evaluate the averaged weights
         has_labels = bool(label_names) and all(batch.get(k) is not None for k in label_names)
         if ignore_keys is None:
             config = getattr(self.model, "config", None)
@@ -342,10 +305,7 @@ class TorchBackend:
         return distributed.all_sum(value, self.dist, self.device)
 
     def on_eval_metric(self, state: TorchState, value: float) -> None:
-        if isinstance(state.scheduler, PlateauScheduler):
-            state.scheduler.observe(value)
-        elif isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            state.scheduler.step(value)
+        step_with_metric(state.scheduler, value)
 
     # ------------------------------------------------------------------ state I/O
 
@@ -395,12 +355,6 @@ def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: b
     smoothed = log_probs.sum(dim=-1, keepdim=True, dtype=torch.float32).masked_fill(padding, 0.0)
     active = num_items if num_items is not None else padding.numel() - padding.long().sum()
     return (1 - epsilon) * nll.sum() / active + epsilon * smoothed.sum() / (active * log_probs.shape[-1])
-
-
-def _current_lr(scheduler, optimizer) -> float:
-    if hasattr(scheduler, "get_last_lr"):
-        return float(scheduler.get_last_lr()[0])
-    return float(optimizer.param_groups[0]["lr"])
 
 
 def _extract_loss(outputs: Any, inputs: Mapping) -> torch.Tensor:

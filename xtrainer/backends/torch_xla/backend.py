@@ -48,17 +48,11 @@ from torch import nn
 from ...sharding import MeshConfig, parse_sharding_rules
 from ..base import EvalOutput, StepMetrics
 from ..torch import distributed, state_io
-from ..torch.backend import (
-    TorchBackend,
-    TorchState,
-    _accepts_loss_kwargs,
-    _current_lr,
-    _is_causal_lm_class,
-    _loss_shifts_labels,
-    build_lr_scheduler,
-)
+from ..torch import optim
+from ..torch.backend import TorchBackend, TorchState, _accepts_loss_kwargs, _is_causal_lm_class, _loss_shifts_labels
 from ..torch.nan_guard import make_nan_guard
 from ..torch.optim import build_optimizer
+from ..torch.schedulers import build_lr_scheduler, current_lr, is_metric_driven
 from . import spmd
 from .static_shapes import PadPolicy, Padded, batch_signature, describe_change, pad_batch
 
@@ -176,23 +170,6 @@ def _backward(loss: torch.Tensor) -> None:
         ) from exc
 
 
-class _OverriddenArgs:
-    """TrainingArguments with a few attributes replaced (read-only view)."""
-
-    def __init__(self, args, **overrides):
-        self._args, self._overrides = args, overrides
-
-    def __getattr__(self, name):
-        overrides = self.__dict__.get("_overrides", {})
-        return overrides[name] if name in overrides else getattr(self.__dict__["_args"], name)
-
-
-def _xla_optim(optim):
-    """torch's fused AdamW has no XLA kernel; the plain one does the same math and XLA fuses it anyway."""
-    name = getattr(optim, "value", optim)
-    return "adamw_torch" if name == "adamw_torch_fused" else optim
-
-
 def _max_positions(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
@@ -274,11 +251,12 @@ class TorchXlaBackend(TorchBackend):
         self._label_keys = list(args.label_names or self.default_label_names())
         return model
 
-    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> TorchState:
+    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None),
+                   optimizer_cls_and_kwargs: tuple | None = None) -> TorchState:
         args = self.args
         optimizer, scheduler = optimizers
         if optimizer is None:
-            optimizer = build_optimizer(self.model, _OverriddenArgs(args, optim=_xla_optim(args.optim)))
+            optimizer = build_optimizer(self.model, args, optimizer_cls_and_kwargs, device_type="xla")
             for group in optimizer.param_groups:
                 # The multi-tensor update traces a third faster than the per-parameter loop (same math).
                 if "foreach" in group and group["foreach"] is None and not group.get("fused"):
@@ -342,6 +320,7 @@ class TorchXlaBackend(TorchBackend):
     def train_step(self, state: TorchState, window: DeviceWindow, num_items_in_batch: int | None, events):
         model, optimizer = state.model, state.optimizer
         model.train()
+        optim.train_mode(optimizer)  # schedule-free optimizers: back to the training weights
         signature = (window.signature, num_items_in_batch is not None, bool(optimizer.state))
         compiled_before = spmd.compile_count()
         num_items = self._num_items_tensor(num_items_in_batch)
@@ -372,8 +351,9 @@ class TorchXlaBackend(TorchBackend):
         if not had_state:  # this step created the optimizer state: lay it out like the parameters
             self._reshard_optimizer(optimizer)
         events.optimizer_step()
-        learning_rate = _current_lr(state.scheduler, optimizer)
-        state.scheduler.step()
+        learning_rate = current_lr(state.scheduler, optimizer)
+        if not is_metric_driven(state.scheduler):  # ReduceLROnPlateau, GreedyLR...: stepped after evaluation
+            state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = torch.stack(losses)
         spmd.sync()
