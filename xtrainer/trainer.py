@@ -39,7 +39,7 @@ from .loaders import DatasetLoader
 from .integrations import reporting_callbacks
 from .loop_support import LossTracker, StepEvents, prefetch_one, speed_metrics
 from .nan_policy import NanMonitor
-from .optimizers import check_optimizer_setup, scheduler_needs_metric
+from .optimizers import check_optimizer_setup, get_optimizer_cls_and_kwargs, scheduler_needs_metric
 from .throughput import ThroughputMeter
 from .trainer_utils import (
     EvalLoopOutput,
@@ -158,6 +158,14 @@ class Trainer:
         if model is None:
             raise RuntimeError("model_init returned None; it must return a model.")
         return model
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: TrainingArguments, model: Any = None) -> tuple[Any, Any]:
+        """The torch optimizer class and kwargs for args.optim, as transformers returns them (xtrainer/optimizers.py).
+
+        `model` is needed by GaLore and APOLLO (their target modules) and LOMO (the model itself).
+        """
+        return get_optimizer_cls_and_kwargs(args, model)
 
     def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction="minimize",
                               backend=None, hp_name=None, **kwargs):

@@ -3,7 +3,7 @@
 Step-driven types become a `LambdaLR` over the shared step -> multiplier function; the metric-driven
 ones (reduce_lr_on_plateau, greedy) a `MetricDrivenScheduler` that evaluation metrics move. A layer-wise
 optimizer (GaLore/APOLLO `*_layerwise`) gets one scheduler per parameter, stepped by a gradient hook
-next to that parameter's optimizer, as transformers' `get_scheduler` does.
+next to that parameter's optimizer, as transformers' `get_scheduler` does (`LayerWiseScheduler`).
 
 The torch and torch_xla backends use `build_lr_scheduler` for `lr_scheduler_type`, and
 `is_metric_driven` / `step_with_metric` for any scheduler, the user's included: a metric-driven
@@ -121,6 +121,36 @@ def _single_scheduler(optimizer, args, num_training_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_from_args(args, num_training_steps))
 
 
+class LayerWiseScheduler:
+    """The schedulers of a layer-wise optimizer: one per parameter, each stepped by a gradient hook right after
+    that parameter's optimizer. This object only reports their lrs and saves them.
+
+    transformers' LayerWiseDummyScheduler plays this part there, but it cannot be built with torch >= 2.13 (its
+    per-parameter lrs no longer fit the dummy optimizer's single group), so xtrainer has its own.
+    """
+
+    def __init__(self, optimizer, schedulers: dict):
+        self.optimizer = optimizer
+        self.param_schedulers = schedulers  # parameter -> its scheduler, in the optimizer's parameter order
+
+    def step(self, *args, **kwargs) -> None:
+        """Nothing: the gradient hooks step each parameter's scheduler."""
+
+    def get_last_lr(self) -> list[float]:
+        return [lr for scheduler in self.param_schedulers.values() for lr in scheduler.get_last_lr()]
+
+    def state_dict(self) -> dict:
+        return {"param_schedulers": [s.state_dict() for s in self.param_schedulers.values()]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["param_schedulers"]
+        if len(saved) != len(self.param_schedulers):
+            raise ValueError(f"scheduler.pt holds {len(saved)} per-parameter schedulers; this model has "
+                             f"{len(self.param_schedulers)}.")
+        for scheduler, state in zip(self.param_schedulers.values(), saved):
+            scheduler.load_state_dict(state)
+
+
 def build_lr_scheduler(optimizer, args, num_training_steps: int):
     """The torch scheduler that `args.lr_scheduler_type` names, over `optimizer` (transformers' `get_scheduler`).
 
@@ -132,13 +162,11 @@ def build_lr_scheduler(optimizer, args, num_training_steps: int):
 
     Returns:
         A `LambdaLR` over the shared schedule, a `MetricDrivenScheduler` (reduce_lr_on_plateau, greedy),
-        or, for a layer-wise optimizer, transformers' `LayerWiseDummyScheduler`.
+        or, for a layer-wise optimizer, a `LayerWiseScheduler` over one of those per parameter.
     """
     per_param = getattr(optimizer, "optimizer_dict", None)
     if per_param is None:
         return _single_scheduler(optimizer, args, num_training_steps)
-    from transformers.trainer_pt_utils import LayerWiseDummyScheduler
-
     schedulers = {param: _single_scheduler(opt, args, num_training_steps) for param, opt in per_param.items()}
 
     def step_scheduler(param):  # runs after the parameter's own optimizer hook (registered first)
@@ -147,6 +175,4 @@ def build_lr_scheduler(optimizer, args, num_training_steps: int):
     for param in per_param:
         if param.requires_grad:
             param.register_post_accumulate_grad_hook(step_scheduler)
-    dummy = LayerWiseDummyScheduler(optimizer_dict=per_param, lr=optimizer.defaults["lr"])
-    dummy.param_schedulers = schedulers  # so that evaluation metrics reach metric-driven ones
-    return dummy
+    return LayerWiseScheduler(optimizer, schedulers)
