@@ -202,7 +202,8 @@ SUPPORT: dict[OptimizerNames, dict[str, Support]] = {
                          "devices have none"),
         "jax": _TORCH_ONLY_MODULES,
     },
-    O.STABLE_ADAMW: {"torch": Support("optimi.StableAdamW", "torch-optimi"),
+    O.STABLE_ADAMW: {"torch": Support("optimi.StableAdamW", "torch-optimi", reason="its Triton kernels on CUDA, its "
+                                      "foreach update elsewhere"),
                      "torch_xla": Support("optimi.StableAdamW (foreach, without Triton)", "torch-optimi",
                                           reason="Triton kernels do not run on XLA devices"),
                      "jax": _no("StableAdamW has no optax implementation")},

@@ -93,15 +93,19 @@ def _is_optimizer_class(cls) -> bool:
     return isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)
 
 
-def _adapt_for_xla(cls, kwargs: dict):
-    """What transformers' choice becomes on an XLA device: the same update without CUDA/Triton kernels."""
+def _adapt_to_device(cls, kwargs: dict, device_type: str):
+    """What transformers' choice becomes where its kernels cannot run: the same update in plain ops."""
     kwargs = dict(kwargs)
+    if cls.__module__.startswith("optimi") and device_type != "cuda":
+        # optimi picks its Triton kernels whenever triton is importable, even for CPU tensors, and then fails.
+        kwargs.setdefault("triton", False)
+    if device_type != "xla":
+        return cls, kwargs
     if kwargs.get("fused"):  # torch's fused kernels have no XLA version; XLA fuses the plain update itself
         kwargs["fused"] = False
     if cls.__module__.startswith("bitsandbytes") and cls.__name__ == "Lion" and kwargs.get("optim_bits") == 32:
         cls = Lion
     if cls.__module__.startswith("optimi"):
-        kwargs.setdefault("triton", False)
         kwargs.setdefault("foreach", True)
     return cls, kwargs
 
@@ -115,8 +119,9 @@ def build_optimizer(model: nn.Module, args, optimizer_cls_and_kwargs=None, devic
         optimizer_cls_and_kwargs: the Trainer's `optimizer_cls_and_kwargs=(cls, kwargs)`; None uses
             `get_optimizer_cls_and_kwargs(args, model)`. A `cls` that is not an Optimizer subclass is a factory:
             `cls()(model, **kwargs)` builds the optimizer (transformers' rule).
-        device_type: "xla" swaps kernels that cannot run there for the same update in plain ops
-            (fused AdamW -> AdamW, bitsandbytes' 32-bit Lion -> xtrainer's Lion, StableAdamW without Triton).
+        device_type: where the optimizer runs; kernels that cannot run there give way to the same update in
+            plain ops (on xla: fused AdamW -> AdamW, bitsandbytes' 32-bit Lion -> xtrainer's Lion; off cuda:
+            StableAdamW without Triton).
 
     Returns:
         A torch.optim.Optimizer over transformers' decay/no-decay groups, unless the kwargs bring their own
@@ -130,8 +135,7 @@ def build_optimizer(model: nn.Module, args, optimizer_cls_and_kwargs=None, devic
     kwargs = dict(kwargs)
     if not _is_optimizer_class(cls):
         return cls()(model, **kwargs)
-    if device_type == "xla":
-        cls, kwargs = _adapt_for_xla(cls, kwargs)
+    cls, kwargs = _adapt_to_device(cls, kwargs, device_type)
     groups = parameter_groups(model, args.weight_decay)
     for own in ("params", "model", "optimizer_dict"):  # later keys win, as in transformers
         if own in kwargs:
