@@ -21,8 +21,7 @@ from ..base import EvalOutput, StepMetrics
 from . import distributed, optim, state_io
 from .nan_guard import make_nan_guard
 from .optim import build_optimizer
-from .schedulers import MetricDrivenScheduler, PlateauScheduler, build_lr_scheduler, current_lr  # noqa: F401
-from .schedulers import is_metric_driven, step_with_metric
+from .schedulers import build_lr_scheduler, current_lr, is_metric_driven, step_with_metric
 
 
 @dataclass

@@ -38,10 +38,6 @@ class MetricDrivenScheduler(torch.optim.lr_scheduler.LRScheduler):
         self.metric_state = metric_state
         super().__init__(optimizer)
 
-    @property
-    def plateau(self):  # the name of this attribute in checkpoints written before greedy existed
-        return self.metric_state
-
     def get_lr(self):
         state = self.metric_state
         return [state.lr if base == state.base_lr else base * state.multiplier for base in self.base_lrs]
@@ -80,9 +76,6 @@ class MetricDrivenScheduler(torch.optim.lr_scheduler.LRScheduler):
             fields["window"] = tuple(fields.get("window", ()))
         self.metric_state = kind(**fields)
         self.__dict__.update(state_dict)
-
-
-PlateauScheduler = MetricDrivenScheduler  # the earlier name of this class
 
 
 def is_metric_driven(scheduler) -> bool:

@@ -47,8 +47,7 @@ from torch import nn
 
 from ...sharding import MeshConfig, parse_sharding_rules
 from ..base import EvalOutput, StepMetrics
-from ..torch import distributed, state_io
-from ..torch import optim
+from ..torch import distributed, optim, state_io
 from ..torch.backend import TorchBackend, TorchState, _accepts_loss_kwargs, _is_causal_lm_class, _loss_shifts_labels
 from ..torch.nan_guard import make_nan_guard
 from ..torch.optim import build_optimizer
