@@ -678,7 +678,7 @@ def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[Any, dict[str, Any]]
 
 
 def check_optimizer_setup(args, backend: str, device_type: str | None = None, optimizers: tuple = (None, None),
-                          optimizer_cls_and_kwargs: tuple | None = None) -> None:
+                          optimizer_cls_and_kwargs: tuple | None = None, default_optimizer: bool = True) -> None:
     """The Trainer's construction-time checks of its optimizer and lr scheduler, before anything trains.
 
     Args:
@@ -687,29 +687,22 @@ def check_optimizer_setup(args, backend: str, device_type: str | None = None, op
         device_type: the torch device type of the run, where the backend knows it.
         optimizers: the Trainer's `optimizers=(optimizer, scheduler)`.
         optimizer_cls_and_kwargs: the Trainer's `optimizer_cls_and_kwargs`.
+        default_optimizer: False when a Trainer subclass builds the optimizer itself (create_optimizer or
+            get_optimizer_cls_and_kwargs overridden): args.optim is then not checked.
 
     Raises:
-        RuntimeError: both `optimizers[0]` and `optimizer_cls_and_kwargs` given (as transformers).
-        ValueError: args.optim cannot run on this backend/device (when xtrainer builds the optimizer), an
-            optimizer_cls_and_kwargs of the wrong framework, a metric-driven scheduler that no metric would reach,
-            an optimizer that updates inside backward with nan_policy skip/raise.
+        ValueError: args.optim cannot run on this backend/device (when xtrainer builds the optimizer), a
+            metric-driven scheduler that no metric would reach, an optimizer that updates inside backward with
+            nan_policy skip/raise.
+        TypeError: optimizer_cls_and_kwargs whose kwargs are not a dict.
         ImportError: the library of args.optim is not installed.
     """
     optimizer, scheduler = optimizers
     if optimizer_cls_and_kwargs is not None:
-        if optimizer is not None:
-            raise RuntimeError("Passing both `optimizers` and `optimizer_cls_and_kwargs` arguments is incompatible.")
-        cls, kwargs = optimizer_cls_and_kwargs
-        is_torch = isinstance(cls, type) and any(c.__module__.startswith("torch") for c in cls.__mro__)
-        if backend == "jax" and is_torch:
-            raise ValueError(
-                f"optimizer_cls_and_kwargs holds the torch optimizer {cls.__name__}, which cannot run on backend='jax'. "
-                "Pass an optax factory and its kwargs, e.g. (optax.adamw, {'b1': 0.9}), or optimizers=(an optax "
-                "GradientTransformation, None)."
-            )
+        _, kwargs = optimizer_cls_and_kwargs  # a torch class on jax: refused by the jax backend's prepare
         if not isinstance(kwargs, dict):
             raise TypeError(f"optimizer_cls_and_kwargs must be (class, dict of kwargs); got kwargs {type(kwargs).__name__}.")
-    elif optimizer is None:
+    elif optimizer is None and default_optimizer:
         check_optimizer(args.optim, backend, device_type)
         _check_updates_in_backward(args)
         if backend == "jax":  # optim_args optax cannot honour fail now: building the transformation is cheap

@@ -141,7 +141,7 @@ def test_torch_only_choices_fail_at_construction(tmp_path):
     args = lambda **kw: xtrainer.TrainingArguments(str(tmp_path), **{**BASE, **kw})  # noqa: E731
     with pytest.raises(ValueError, match=r"optim='galore_adamw' cannot run on backend='jax'.*runs on backend='torch'.*: adamw_torch, "):
         xtrainer.Trainer(model=RegressionMLP(nnx.Rngs(0)), args=args(optim="galore_adamw"))
-    with pytest.raises(ValueError, match="torch optimizer SGD, which cannot run on backend='jax'"):
+    with pytest.raises(TypeError, match="torch optimizer SGD, which cannot run on backend='jax'"):
         xtrainer.Trainer(model=RegressionMLP(nnx.Rngs(0)), args=args(),
                          optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))
     with pytest.raises(ValueError, match="dampening"):

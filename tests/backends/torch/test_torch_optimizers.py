@@ -166,7 +166,7 @@ def test_optimizer_cls_and_kwargs(tmp_path):
     assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["lr"] == 0.05
     assert [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h] == pytest.approx(
         [0.0, 0.05, 0.025])  # the kwargs' lr is the peak the schedule scales
-    with pytest.raises(RuntimeError, match="incompatible"):
+    with pytest.raises(RuntimeError, match="not both"):
         model = Net()
         xtrainer.Trainer(model=model, args=xtrainer.TrainingArguments(str(tmp_path), report_to="none"),
                          optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
@@ -224,6 +224,33 @@ def test_greedy_follows_the_eval_loss(tmp_path):
         expected.append(state.lr)
     assert lrs == pytest.approx(expected)
     assert len(set(lrs)) > 1
+    assert isinstance(trainer.lr_scheduler, transformers_optimization().GreedyLR)  # the class transformers builds
+
+
+def transformers_optimization():
+    return pytest.importorskip("transformers.optimization")
+
+
+@pytest.mark.parametrize("kind", ["reduce_lr_on_plateau", "greedy"])
+def test_metric_driven_types_are_transformers_classes_and_resume(tmp_path, kind):
+    scheduler_cls = {"reduce_lr_on_plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
+                     "greedy": transformers_optimization().GreedyLR}[kind]
+    kwargs = {"patience": 0, "factor": 0.5}
+    if kind == "reduce_lr_on_plateau":
+        kwargs.update(threshold_mode="abs", threshold=1e9)  # every evaluation after the first is "worse"
+    data = rows(24)
+
+    args = _eval_args(tmp_path, lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs, metric_for_best_model="eval_loss",
+                      save_strategy="steps", save_steps=3)
+    full = xtrainer.Trainer(model=Net(), args=args, train_dataset=data, eval_dataset=data[:8])
+    full.train()
+    assert isinstance(full.lr_scheduler, scheduler_cls) and full.lr_scheduler.patience == 0
+    lrs = [h["learning_rate"] for h in full.state.log_history if "learning_rate" in h]
+    assert len(set(lrs)) > 1  # the evaluation metric moved it
+    resumed = xtrainer.Trainer(model=Net(), args=args, train_dataset=data, eval_dataset=data[:8])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))  # scheduler.pt restores its state
+    tail = [h["learning_rate"] for h in resumed.state.log_history if "learning_rate" in h and h["step"] > 3]
+    assert tail == pytest.approx(lrs[3:])
 
 
 def test_metric_driven_scheduler_state_round_trips(tmp_path):

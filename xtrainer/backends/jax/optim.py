@@ -72,9 +72,9 @@ def _flag(text) -> bool:
     return str(text).lower() in ("true", "1", "yes")
 
 
-def _with_l2(wd: float, opt):
+def _with_l2(wd: float, opt, mask):
     """torch's coupled weight decay (SGD, Adagrad, RMSprop): wd * p added to the gradient on the decay group."""
-    return optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), opt) if wd else opt
+    return optax.chain(optax.add_decayed_weights(wd, mask=mask), opt) if wd else opt
 
 
 def _warmup(steps):
@@ -84,11 +84,11 @@ def _warmup(steps):
     return lambda count: jnp.minimum((count + 1) / steps, 1.0)
 
 
-def _schedule_free(learning_rate, base_without_lr, b1, wd, warmup_steps, weight_lr_power):
+def _schedule_free(learning_rate, base_without_lr, b1, wd, warmup_steps, weight_lr_power, mask):
     """Schedule-free wrapping of `base` (decay on the decay group, at y: schedulefree's torch update)."""
     warm = _warmup(warmup_steps)
     lr = lambda count: learning_rate * warm(count)  # noqa: E731 - the injected lr, warmed up as schedulefree does
-    base = optax.chain(base_without_lr, optax.add_decayed_weights(wd, mask=decay_mask), optax.scale_by_learning_rate(lr))
+    base = optax.chain(base_without_lr, optax.add_decayed_weights(wd, mask=mask), optax.scale_by_learning_rate(lr))
     return optax.contrib.schedule_free(base, learning_rate=lr, b1=b1, weight_lr_power=weight_lr_power)
 
 
@@ -107,15 +107,18 @@ def _ademamix_schedules(alpha, b1, b3, t_alpha, t_beta3):
     return alpha_fn, b3_fn
 
 
-def _factory(args):
-    """optim name -> (make(learning_rate) -> GradientTransformation), reading args and optim_args."""
+def _factory(args, mask):
+    """optim name -> (make(learning_rate) -> GradientTransformation), reading args and optim_args.
+
+    `mask` says which parameters weight decay applies to (a pytree of bools like the params, or a function of them).
+    """
     name = O(getattr(args.optim, "value", args.optim))
     wd, b1, b2, eps = args.weight_decay, args.adam_beta1, args.adam_beta2, args.adam_epsilon
     opts = _Options(name.value, getattr(args, "optim_args", None))
 
     if name in (O.ADAMW_TORCH, O.ADAMW_TORCH_FUSED, O.ADAMW_TORCH_XLA, O.ADAMW):
         def make(learning_rate):
-            return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask)
+            return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask)
     elif name is O.SGD:
         momentum = opts.get("momentum", 0.0)
         opts.refuse("dampening", 0.0, "optax's momentum has no dampening")
@@ -123,13 +126,13 @@ def _factory(args):
         nesterov = opts.get("nesterov", False, _flag)
 
         def make(learning_rate):
-            return _with_l2(wd_sgd, optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+            return _with_l2(wd_sgd, optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov), mask)
     elif name is O.ADAGRAD:
         opts.refuse("lr_decay", 0.0, "optax's adagrad has no lr_decay (use a lr_scheduler_type instead)")
         eps_ada = opts.get("eps", 1e-10)
 
         def make(learning_rate):
-            return _with_l2(wd, optax.adagrad(learning_rate, initial_accumulator_value=0.0, eps=eps_ada))
+            return _with_l2(wd, optax.adagrad(learning_rate, initial_accumulator_value=0.0, eps=eps_ada), mask)
     elif name in (O.RMSPROP, O.RMSPROP_BNB, O.RMSPROP_32BIT):
         alpha, eps_rms = opts.get("alpha", 0.99), opts.get("eps", 1e-8)
         momentum, centered = opts.get("momentum", 0.0), opts.get("centered", False, _flag)
@@ -141,17 +144,17 @@ def _factory(args):
             parts = [scale(decay=alpha, eps=eps_rms, eps_in_sqrt=False)]
             if momentum:
                 parts.append(optax.trace(decay=momentum))
-            return _with_l2(wd, optax.chain(*parts, optax.scale_by_learning_rate(learning_rate)))
+            return _with_l2(wd, optax.chain(*parts, optax.scale_by_learning_rate(learning_rate)), mask)
     elif name is O.ADAFACTOR:
         def make(learning_rate):
             # transformers' Adafactor(scale_parameter=False, relative_step=False): every matrix factored, the
             # update clipped to RMS 1, and decoupled decay scaled by the lr (p -= lr * wd * p).
             return optax.adafactor(learning_rate, min_dim_size_to_factor=1, multiply_by_parameter_scale=False,
                                    clipping_threshold=1.0, decay_rate=0.8, eps=1e-30,
-                                   weight_decay_rate=(wd * learning_rate) if wd else None, weight_decay_mask=decay_mask)
+                                   weight_decay_rate=(wd * learning_rate) if wd else None, weight_decay_mask=mask)
     elif name in (O.LION, O.LION_SHORT):
         def make(learning_rate):
-            return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=wd, mask=decay_mask)
+            return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=wd, mask=mask)
     elif name is O.ADEMAMIX:
         beta1, beta2 = opts.get("beta1", b1), opts.get("beta2", b2)
         alpha, beta3 = opts.get("alpha", 5.0), opts.get("beta3", 0.9999)
@@ -161,7 +164,7 @@ def _factory(args):
 
         def make(learning_rate):
             return optax.contrib.ademamix(learning_rate, b1=beta1, b2=beta2, b3=b3_fn, alpha=alpha_fn, eps=eps_ade,
-                                          weight_decay=wd, mask=decay_mask)
+                                          weight_decay=wd, mask=mask)
     elif name in (O.SCHEDULE_FREE_ADAMW, O.SCHEDULE_FREE_SGD):
         opts.refuse("r", 0.0, "optax's schedule-free averaging has no polynomial weighting r")
         power = opts.get("weight_lr_power", 2.0)
@@ -171,14 +174,14 @@ def _factory(args):
             base, beta = optax.identity(), 0.9  # schedulefree's SGD momentum default (transformers sets none)
 
         def make(learning_rate):
-            return _schedule_free(learning_rate, base, beta, wd, args.warmup_steps, power)
+            return _schedule_free(learning_rate, base, beta, wd, args.warmup_steps, power, mask)
     else:  # check_optimizer refused every other name before
         raise AssertionError(name)
     opts.report_unread()
     return make
 
 
-def build_optimizer(args, optimizer_cls_and_kwargs=None) -> optax.GradientTransformation:
+def build_optimizer(args, optimizer_cls_and_kwargs=None, mask=None) -> optax.GradientTransformation:
     """The optax optimizer of a run, with `learning_rate` injectable (the train step sets it every step).
 
     Args:
@@ -186,27 +189,36 @@ def build_optimizer(args, optimizer_cls_and_kwargs=None) -> optax.GradientTransf
         optimizer_cls_and_kwargs: the Trainer's `optimizer_cls_and_kwargs`; on jax `(optax factory, kwargs)`,
             e.g. `(optax.adamw, {"b1": 0.9})`, built as `optax.inject_hyperparams(factory)(learning_rate=...,
             **kwargs)`. A torch optimizer class is refused.
+        mask: which parameters weight decay applies to (a pytree of bools like the params, or a function of
+            them); None: not biases nor normalisation weights (`decay_mask`).
 
     Returns:
         An `optax.GradientTransformation` whose state has `hyperparams["learning_rate"]`.
 
     Raises:
         ValueError: an optim value that cannot run on jax (the message lists those that can), an optim_args
-            option optax cannot honour, a torch class in optimizer_cls_and_kwargs.
+            option optax cannot honour.
+        TypeError: a torch class in optimizer_cls_and_kwargs.
     """
     if optimizer_cls_and_kwargs is not None:
+        check_optimizer_cls_and_kwargs(optimizer_cls_and_kwargs)
         factory, kwargs = optimizer_cls_and_kwargs
-        if _is_torch_class(factory):
-            raise ValueError(
-                f"optimizer_cls_and_kwargs holds the torch optimizer {factory.__name__}, which cannot run on "
-                "backend='jax'. Pass an optax factory and its kwargs, e.g. (optax.adamw, {'b1': 0.9}), or "
-                "optimizers=(an optax GradientTransformation, None)."
-            )
         kwargs = dict(kwargs)
         kwargs.setdefault("learning_rate", args.learning_rate)
         return optax.inject_hyperparams(factory)(**kwargs)
     check_optimizer(args.optim, "jax")
-    return optax.inject_hyperparams(_factory(args))(learning_rate=args.learning_rate)
+    return optax.inject_hyperparams(_factory(args, decay_mask if mask is None else mask))(learning_rate=args.learning_rate)
+
+
+def check_optimizer_cls_and_kwargs(optimizer_cls_and_kwargs) -> None:
+    """Refuses a torch optimizer class in `optimizer_cls_and_kwargs` on jax, naming what works instead."""
+    factory = optimizer_cls_and_kwargs[0]
+    if _is_torch_class(factory):
+        raise TypeError(
+            f"optimizer_cls_and_kwargs holds the torch optimizer {factory.__name__}, which cannot run on "
+            "backend='jax'. Pass an optax factory and its kwargs, e.g. (optax.adamw, {'b1': 0.9}), or "
+            "optimizers=(an optax GradientTransformation, None), or set args.optim."
+        )
 
 
 def _is_torch_class(obj) -> bool:

@@ -110,7 +110,7 @@ def _adapt_to_device(cls, kwargs: dict, device_type: str):
     return cls, kwargs
 
 
-def build_optimizer(model: nn.Module, args, optimizer_cls_and_kwargs=None, device_type: str = "cpu"):
+def build_optimizer(model: nn.Module, args, optimizer_cls_and_kwargs=None, device_type: str = "cpu", groups=None):
     """The torch optimizer of a run, as transformers' `Trainer.create_optimizer` builds it.
 
     Args:
@@ -122,6 +122,8 @@ def build_optimizer(model: nn.Module, args, optimizer_cls_and_kwargs=None, devic
         device_type: where the optimizer runs; kernels that cannot run there give way to the same update in
             plain ops (on xla: fused AdamW -> AdamW, bitsandbytes' 32-bit Lion -> xtrainer's Lion; off cuda:
             StableAdamW without Triton).
+        groups: the parameter groups (default: `parameter_groups(model, args.weight_decay)`); the Trainer passes
+            the ones its (overridable) get_decay_parameter_names gives.
 
     Returns:
         A torch.optim.Optimizer over transformers' decay/no-decay groups, unless the kwargs bring their own
@@ -131,12 +133,12 @@ def build_optimizer(model: nn.Module, args, optimizer_cls_and_kwargs=None, devic
         cls, kwargs = optimizer_cls_and_kwargs
     else:
         cls, kwargs = get_optimizer_cls_and_kwargs(args, model)
-        _warn_dropped_weight_decay(args)
+        warn_dropped_weight_decay(args)
     kwargs = dict(kwargs)
     if not _is_optimizer_class(cls):
         return cls()(model, **kwargs)
     cls, kwargs = _adapt_to_device(cls, kwargs, device_type)
-    groups = parameter_groups(model, args.weight_decay)
+    groups = parameter_groups(model, args.weight_decay) if groups is None else groups
     for own in ("params", "model", "optimizer_dict"):  # later keys win, as in transformers
         if own in kwargs:
             groups = kwargs.pop(own)
@@ -146,7 +148,8 @@ def build_optimizer(model: nn.Module, args, optimizer_cls_and_kwargs=None, devic
     return optimizer
 
 
-def _warn_dropped_weight_decay(args) -> None:
+def warn_dropped_weight_decay(args) -> None:
+    """Says once that weight_decay does nothing for the optim values transformers builds without it."""
     name = getattr(args.optim, "value", args.optim)
     if not args.weight_decay:
         return

@@ -1,7 +1,9 @@
 """Torch lr schedulers driven by the shared pure schedules (xtrainer/schedules.py).
 
 Step-driven types become a `LambdaLR` over the shared step -> multiplier function; the metric-driven
-ones (reduce_lr_on_plateau, greedy) a `MetricDrivenScheduler` that evaluation metrics move. A layer-wise
+ones the classes transformers builds (torch's `ReduceLROnPlateau`, transformers' `GreedyLR`), which
+evaluation metrics move; without transformers, greedy is a `MetricDrivenScheduler` over the shared pure
+state (the same numbers, checked in tests/unit/test_schedules.py). A layer-wise
 optimizer (GaLore/APOLLO `*_layerwise`) gets one scheduler per parameter, stepped by a gradient hook
 next to that parameter's optimizer, as transformers' `get_scheduler` does (`LayerWiseScheduler`).
 
@@ -107,10 +109,25 @@ def current_lr(scheduler, optimizer) -> float:
     return float(lr.item() if torch.is_tensor(lr) else lr)
 
 
+def _transformers_greedy_lr():
+    """transformers' GreedyLR class, or None without transformers (xtrainer's MetricDrivenScheduler then)."""
+    try:
+        from transformers.optimization import GreedyLR
+    except ImportError:
+        return None
+    return GreedyLR
+
+
 def _single_scheduler(optimizer, args, num_training_steps: int):
-    state = metric_schedule_from_args(args)
+    state = metric_schedule_from_args(args)  # also checks lr_scheduler_kwargs, with the messages jax gives
     if state is not None:
-        return MetricDrivenScheduler(optimizer, state)
+        # The classes transformers' get_scheduler builds, so `trainer.lr_scheduler` is what HF code expects
+        # (isinstance checks, .patience, ._last_lr, state_dict); the pure state is the fallback without transformers.
+        kwargs = dict(args.lr_scheduler_kwargs or {})
+        if isinstance(state, PlateauState):
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+        greedy_lr = _transformers_greedy_lr()
+        return greedy_lr(optimizer, **kwargs) if greedy_lr is not None else MetricDrivenScheduler(optimizer, state)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_from_args(args, num_training_steps))
 
 
@@ -154,7 +171,7 @@ def build_lr_scheduler(optimizer, args, num_training_steps: int):
         num_training_steps: optimizer steps of the run.
 
     Returns:
-        A `LambdaLR` over the shared schedule, a `MetricDrivenScheduler` (reduce_lr_on_plateau, greedy),
+        A `LambdaLR` over the shared schedule, a `ReduceLROnPlateau` / `GreedyLR` (or `MetricDrivenScheduler`),
         or, for a layer-wise optimizer, a `LayerWiseScheduler` over one of those per parameter.
     """
     per_param = getattr(optimizer, "optimizer_dict", None)
