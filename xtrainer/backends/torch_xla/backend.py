@@ -30,6 +30,7 @@ Options (a TrainingArguments attribute of that name, else the environment variab
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -318,9 +319,10 @@ class TorchXlaBackend(TorchBackend):
             if group.get("fused"):  # torch's fused kernels have no XLA version; the plain update is the same math
                 group["fused"] = False
         if optimizer.state:
-            optimizer.state = type(optimizer.state)(
-                {by_host.get(id(p), p): v for p, v in optimizer.state.items()}
-            )
+            # A defaultdict(dict), as torch builds it; Adagrad fills it in its constructor already.
+            remapped = collections.defaultdict(dict)
+            remapped.update({by_host.get(id(p), p): v for p, v in optimizer.state.items()})
+            optimizer.state = remapped
 
     # ------------------------------------------------------------------ data placement
 
