@@ -471,7 +471,7 @@ class JaxBackend:
     def eval_model(self, state) -> BoundModel:
         """The model prediction_step receives: bound to the current parameters, in evaluation mode."""
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
-        if state is not None and optim.is_schedule_free(state["opt_state"]):
+        if state is not None and "opt_state" in state and optim.is_schedule_free(state["opt_state"]):
             params = self._schedule_free_eval_params(state)  # optimizer.eval() on torch
         apply = self._eager_apply()
         return BoundModel(self.adapter, params, extra, jax.random.key(0), False, apply=apply)
