@@ -249,7 +249,7 @@ def check_optimizer(optim, backend: str, device_type: str | None = None, check_l
     Raises:
         ValueError: the value cannot run on this backend / device (the message lists those that can, and
             the backends where this one runs).
-        ImportError: its library is not installed (the message names the pip extra).
+        MissingExtraError (an ImportError): its library is not installed (the message names the pip extra).
     """
     name = OptimizerNames(getattr(optim, "value", optim))
     entry = SUPPORT[name][backend]
@@ -265,9 +265,11 @@ def check_optimizer(optim, backend: str, device_type: str | None = None, check_l
             "(see docs/optimizers.md)."
         )
     if check_library and entry.library and not _library_installed(entry.library):
-        raise ImportError(
+        from .extras import MissingExtraError, install_hint
+
+        raise MissingExtraError(
             f"optim='{name.value}' on backend='{backend}' runs {entry.runs_as}, which needs the `{entry.library}` "
-            f"package: pip install 'xtrainer[{EXTRA}]' (or pip install {entry.library})."
+            f"package: {install_hint(EXTRA)} (or pip install {entry.library})."
         )
     return entry
 
