@@ -112,8 +112,14 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "warmup_steps": front("test_learning_rate_schedule"),
     "optim": front("test_optimizer_fields"),
     "optim_args": front("test_optimizer_fields"),
-    "optim_target_modules": everywhere(NoEffect("only GaLore / APOLLO optimizers read it, and no such optimizer runs "
-                                                "in this version; leave it unset")),
+    "optim_target_modules": per_backend(
+        torch=_acts("tests/backends/torch/test_torch_optimizers.py::test_optimizer_trains_as_transformers_runs_it",
+                    note="read by the GaLore / APOLLO optim values, as in transformers"),
+        jax=NoEffect("only GaLore / APOLLO optimizers read it, and they cannot run on jax (they hook torch nn.Linear "
+                     "modules); use backend='torch'"),
+        torch_xla=_acts("tests/backends/torch_xla/test_torch_xla_optimizers.py::test_optimizer_matches_the_torch_backend",
+                        note="read by the GaLore optim values (APOLLO cannot run on torch_xla)"),
+    ),
     "weight_decay": _optimizer_proof(),
     "adam_beta1": _optimizer_proof(),
     "adam_beta2": _optimizer_proof(),

@@ -49,6 +49,7 @@ from .loaders import DatasetLoader
 from .integrations import reporting_callbacks
 from .loop_support import LossTracker, StepEvents, prefetch_one, speed_metrics
 from .nan_policy import NanMonitor
+from .optimizers import check_optimizer_setup, scheduler_needs_metric
 from .throughput import ThroughputMeter
 from .trainer_utils import (
     EvalLoopOutput,
@@ -141,6 +142,11 @@ class Trainer:
         self.model = self.backend.prepare(model, self.args, hooks=self.hooks)
         self.model_wrapped = self.model
         _apply_use_cache(self.model, self.args.use_cache)
+        # args.optim that cannot run here, a metric-driven schedule no metric reaches: refused before training.
+        check_optimizer_setup(self.args, self.backend.name, getattr(getattr(self.backend, "device", None), "type", None),
+                              optimizers, optimizer_cls_and_kwargs,
+                              default_optimizer=not any(self.hooks.overrides(name) for name in
+                                                        ("create_optimizer", "get_optimizer_cls_and_kwargs")))
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.processing_class = processing_class
         self.data_collator = data_collator or _default_collator(processing_class)
@@ -899,6 +905,10 @@ class Trainer:
             key = self._metric_key()
             if key in metrics:
                 self.backend.on_eval_metric(self._backend_state, metrics[key])
+            elif scheduler_needs_metric(self.args, self.lr_scheduler):
+                raise KeyError(f"The metric-driven lr scheduler follows metric_for_best_model={key!r}, which is not "
+                               f"among the evaluation metrics {sorted(metrics)}; return it from compute_metrics or "
+                               "change metric_for_best_model.")
         return metrics
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

@@ -399,7 +399,7 @@ class TrainingArguments(TrainingArgumentsSetters):
             if not self.logging_steps or self.logging_steps <= 0:
                 raise ValueError("eval_strategy='steps' needs a positive `eval_steps` (or `logging_steps`).")
             self.eval_steps = self.logging_steps
-        needs_metric = self.load_best_model_at_end or self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU
+        needs_metric = self.load_best_model_at_end or self.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
         if needs_metric and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:

@@ -19,12 +19,19 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ...hooks import refuse_overrides
-from ...schedules import plateau_from_args, plateau_update, schedule_from_args
+from ...schedules import (
+    load_metric_schedule,
+    metric_schedule_from_args,
+    metric_schedule_update,
+    save_metric_schedule,
+    schedule_from_args,
+)
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
 from . import multihost, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
+from . import optim
 from .optim import build_optimizer, decay_mask
 from .bound_model import BoundModel
 from .lr_schedule import LrSchedule
@@ -94,10 +101,7 @@ class JaxBackend:
             reasons.pop("get_optimizer_cls_and_kwargs")
         refuse_overrides(hooks, "jax", reasons)
         if hooks.explicit_optimizer_cls_and_kwargs is not None:
-            raise TypeError(
-                "optimizer_cls_and_kwargs names a torch optimizer class, which backend='jax' cannot run; pass "
-                "optimizers=(optax_transformation, None), or set args.optim."
-            )
+            optim.check_optimizer_cls_and_kwargs(hooks.explicit_optimizer_cls_and_kwargs)
         multihost.initialize_from_env(args)
         if getattr(args, "jax_compilation_cache_dir", None):
             jax.config.update("jax_compilation_cache_dir", args.jax_compilation_cache_dir)
@@ -144,7 +148,7 @@ class JaxBackend:
         self.extra = self._globalize(self.adapter.extra, self.replicated)
         self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
         self._host_step = 0
-        self._plateau = None
+        self._metric_schedule = None  # reduce_lr_on_plateau / greedy state, fed by evaluation metrics
         self.lr_schedule = None  # the run's schedule, set by init_state
         return model
 
@@ -202,17 +206,20 @@ class JaxBackend:
         return [_path_str(path) for path, decays in flat if decays]
 
     def create_optimizer(self, model) -> Any:
-        """The optax optimizer for args.optim with an injectable learning rate; weight decay follows the
-        (overridable) get_decay_parameter_names."""
+        """The optax optimizer for args.optim (or the Trainer's `optimizer_cls_and_kwargs=(optax factory, kwargs)`)
+        with an injectable learning rate; weight decay follows the (overridable) get_decay_parameter_names."""
         mask = None
         if self.hooks.overrides("get_decay_parameter_names"):
             names = set(self.hooks.get_decay_parameter_names(model))
             mask = jax.tree_util.tree_map_with_path(lambda path, _: _path_str(path) in names, self.adapter.params)
-        return build_optimizer(self.args) if mask is None else build_optimizer(self.args, mask=mask)
+        return build_optimizer(self.args, self.hooks.explicit_optimizer_cls_and_kwargs, mask=mask)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any) -> LrSchedule:
         args = self.args
-        return LrSchedule(args.learning_rate, schedule_from_args(args, num_training_steps), plateau_from_args(args))
+        # The peak lr the schedule scales: the one optimizer_cls_and_kwargs names, as its torch kwargs' lr would be.
+        explicit = self.hooks.explicit_optimizer_cls_and_kwargs
+        peak = dict(explicit[1]).get("learning_rate", args.learning_rate) if explicit is not None else args.learning_rate
+        return LrSchedule(peak, schedule_from_args(args, num_training_steps), metric_schedule_from_args(args))
 
     def init_state(self, num_training_steps: int, optimizer: Any, scheduler: Any) -> dict:
         args = self.args
@@ -226,7 +233,7 @@ class JaxBackend:
                 f"backend='jax' needs the lr scheduler to be a callable step -> learning rate; got {type(scheduler).__name__}."
             )
         self.tx, self.lr_schedule = optimizer, scheduler
-        self._plateau = getattr(scheduler, "plateau", None)
+        self._metric_schedule = getattr(scheduler, "metric_state", None)
         opt_state = jax.jit(self.tx.init)(self.params)  # moment shardings follow the params'
         injected = find_injected_learning_rate(opt_state)
         update_scale = None
@@ -284,7 +291,7 @@ class JaxBackend:
         schedule = getattr(self, "lr_schedule", None)
         if schedule is None:
             return float(self.args.learning_rate)
-        scale = self._plateau.multiplier if self._plateau is not None else 1.0
+        scale = self._metric_schedule.multiplier if self._metric_schedule is not None else 1.0
         return float(schedule(step)) * float(scale)
 
     def num_trainable_parameters(self) -> int:
@@ -464,6 +471,8 @@ class JaxBackend:
     def eval_model(self, state) -> BoundModel:
         """The model prediction_step receives: bound to the current parameters, in evaluation mode."""
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
+        if state is not None and "opt_state" in state and optim.is_schedule_free(state["opt_state"]):
+            params = self._schedule_free_eval_params(state)  # optimizer.eval() on torch
         apply = self._eager_apply()
         return BoundModel(self.adapter, params, extra, jax.random.key(0), False, apply=apply)
 
@@ -562,11 +571,20 @@ class JaxBackend:
 
         return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
+    def _schedule_free_eval_params(self, state):
+        """The averaged weights x of a schedule-free optimizer, computed once per state (not per eval batch)."""
+        cached = getattr(self, "_eval_params_cache", (None, None))
+        if cached[0] is not state["opt_state"]:
+            fn = getattr(self, "_eval_params_fn", None) or jax.jit(optim.eval_params)
+            self._eval_params_fn = fn
+            cached = self._eval_params_cache = (state["opt_state"], fn(state["opt_state"], state["params"]))
+        return cached[1]
+
     def on_eval_metric(self, state, value: float) -> None:
-        if self._plateau is None:
+        if self._metric_schedule is None:
             return
-        self._plateau = plateau_update(self._plateau, value)
-        state["lr_scale"] = self._replicate(np.float32(self._plateau.multiplier))
+        self._metric_schedule = metric_schedule_update(self._metric_schedule, value)
+        state["lr_scale"] = self._replicate(np.float32(self._metric_schedule.multiplier))
 
     # ------------------------------------------------------------------ state I/O
 
@@ -599,7 +617,17 @@ class JaxBackend:
             timeout = self._peer_timeout()
             if outcome_tag is not None:
                 barrier = multihost.failure_aware_barrier(self._key(outcome_tag), _peer_save_failed)
-        return state_io.start_save(_without_run_counters(state), directory, barrier_sync_fn=barrier, timeout_s=timeout)
+        finish = state_io.start_save(_without_run_counters(state), directory, barrier_sync_fn=barrier, timeout_s=timeout)
+        metric_state = self._metric_schedule  # the state at this step, not at the time the write ends
+        if metric_state is None or save_only_model or self.process_index != 0:
+            return finish
+
+        def finish_with_metric_schedule():
+            result = finish()
+            save_metric_schedule(metric_state, directory)  # orbax has no slot for this small host state
+            return result
+
+        return finish_with_metric_schedule
 
     def _peer_timeout(self) -> float:
         return float(getattr(self.args, "ddp_timeout", None) or 1800)
@@ -625,6 +653,8 @@ class JaxBackend:
         if "nan" in state:  # the non-finite counters belong to this run, not to the checkpoint
             restored["nan"] = state["nan"]
         self._host_step = int(jax.device_get(restored["step"]))
+        if self._metric_schedule is not None:
+            self._metric_schedule = load_metric_schedule(self._metric_schedule, directory)
         return restored
 
     def adopt_model_weights(self, state):

@@ -8,7 +8,6 @@ produce the same log history and weights.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
-from . import coordination, distributed, save_snapshot, state_io
+from . import coordination, distributed, optim, save_snapshot, state_io
 from .nan_guard import make_nan_guard
-from .optim import decay_parameter_names
+from .optim import build_optimizer, decay_parameter_names
+from .schedulers import build_lr_scheduler, current_lr, is_metric_driven, step_with_metric
 
 
 @dataclass
@@ -34,51 +33,6 @@ class TorchState:
     scheduler: Any = None
     scaler: Any = None
     nan_guard: Any = None  # nan_guard.NanGuard under nan_policy "skip"/"raise"
-
-
-class PlateauScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """reduce_lr_on_plateau driven by the shared pure `plateau_update`, checkpointable like any scheduler.
-
-    Stepping once per optimizer step leaves the lr alone; `observe(metric)` after each evaluation
-    may reduce it.
-    """
-
-    def __init__(self, optimizer, plateau_state):
-        self.plateau = plateau_state
-        super().__init__(optimizer)
-
-    def get_lr(self):
-        plateau = self.plateau
-        return [plateau.lr if base == plateau.base_lr else base * plateau.multiplier for base in self.base_lrs]
-
-    def observe(self, metric: float) -> None:
-        self.plateau = plateau_update(self.plateau, metric)
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
-        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def step(self, epoch=None):
-        self._step_count = getattr(self, "_step_count", 0) + 1
-        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self):
-        # Plain values only, so the file loads with weights_only=True.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "plateau")}
-        state["plateau"] = dataclasses.asdict(self.plateau)
-        return state
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.plateau = type(self.plateau)(**state_dict.pop("plateau"))
-        self.__dict__.update(state_dict)
-
-
-def build_lr_scheduler(optimizer, args, num_training_steps: int):
-    """A torch scheduler driven by the shared schedules: LambdaLR, or PlateauScheduler for reduce_lr_on_plateau."""
-    plateau = plateau_from_args(args)
-    if plateau is not None:
-        return PlateauScheduler(optimizer, plateau)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_from_args(args, num_training_steps))
 
 
 def _accepts_loss_kwargs(model: nn.Module) -> bool:
@@ -139,6 +93,7 @@ class TorchBackend:
         self.hooks = hooks
         self._optimizer = None  # the optimizer of the run in progress (schedule-free optimizers switch modes)
         self._scaler = None
+        self._lomo_lr = None  # LOMO's lr for the fused backward of the current step
         self.dist = distributed.init_from_env(args)
         self.num_processes, self.process_index = self.dist.world_size, self.dist.rank
         if self.num_processes > 1 and self._host_groups is None:  # preemption and save agreement (coordination.py)
@@ -229,14 +184,11 @@ class TorchBackend:
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
-        optimizer_cls, kwargs = hooks.optimizer_cls_and_kwargs(model)
-        kwargs = dict(kwargs)
-        # Some optimizers build their own parameter groups (GaLore), need the model (LOMO) or are
-        # layer-wise dicts; transformers lets get_optimizer_cls_and_kwargs say so through these keys.
-        for key in ("params", "model", "optimizer_dict"):
-            if key in kwargs:
-                groups = kwargs.pop(key)
-        return optimizer_cls(groups, **kwargs)
+        if hooks.explicit_optimizer_cls_and_kwargs is None:
+            optim.warn_dropped_weight_decay(self.args)
+        # Own groups (GaLore), the model (LOMO), layer-wise dicts and factories: optim.build_optimizer.
+        return build_optimizer(model, self.args, hooks.optimizer_cls_and_kwargs(model), device_type=self.device.type,
+                               groups=groups)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer):
         return build_lr_scheduler(optimizer, self.args, num_training_steps)
@@ -315,17 +267,14 @@ class TorchBackend:
         return (self.accepts_loss_kwargs and num_items_in_batch is not None) or self.hooks.compute_loss_func is not None
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self._scaler is not None:
-            self._scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        """loss.backward() (scaled under fp16), or LOMO's fused backward that also applies the update."""
+        optim.backward(loss, self._optimizer, self._lomo_lr, self._scaler)
 
     def training_step(self, model, inputs: Mapping, num_items_in_batch=None) -> torch.Tensor:
         """The Trainer's default training_step: forward through the hooks, then backward (transformers' order)."""
         hooks = self.hooks
         model.train()
-        if callable(getattr(self._optimizer, "train", None)):  # schedule-free optimizers have train/eval modes
-            self._optimizer.train()
+        optim.train_mode(self._optimizer)  # schedule-free optimizers: back to the training weights
         inputs = hooks.prepare_inputs(inputs)
         with hooks.compute_loss_context_manager():
             loss = hooks.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
@@ -337,7 +286,10 @@ class TorchBackend:
 
     def train_step(self, state: TorchState, window: Sequence[dict], num_items_in_batch: int | None, events):
         model, optimizer = state.model, state.optimizer
-        self._optimizer, self._scaler = optimizer, state.scaler
+        lomo = optim.is_lomo(optimizer)  # LOMO updates inside its backward, at the lr before this step's schedule
+        scaler = None if lomo else state.scaler
+        self._optimizer, self._scaler = optimizer, scaler
+        self._lomo_lr = current_lr(state.scheduler, optimizer) if lomo else None
         num_items = self._num_items_tensor(num_items_in_batch)
         losses = []
         for i, inputs in enumerate(window):
@@ -348,8 +300,8 @@ class TorchBackend:
             losses.append(torch.as_tensor(loss).detach().float().to(self.device))
             if i < len(window) - 1:
                 events.substep_end()
-        if state.scaler is not None:
-            state.scaler.unscale_(optimizer)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
@@ -361,19 +313,21 @@ class TorchBackend:
         guarded = contextlib.nullcontext()
         if guard is not None:  # nan_policy skip/raise: the update is selected on device (nan_guard.py)
             guarded = guard.guarded_step(optimizer, guard.update(list(loss), grad_norm), state.scaler)
-        if state.scaler is not None:
-            scale_before = state.scaler.get_scale()
+        if scaler is not None:
+            scale_before = scaler.get_scale()
             with guarded:
-                state.scaler.step(optimizer)
-                state.scaler.update()
-            skipped = state.scaler.get_scale() < scale_before  # an overflow skips the step (and the schedule)
+                scaler.step(optimizer)
+                scaler.update()
+            skipped = scaler.get_scale() < scale_before  # an overflow skips the step (and the schedule)
         else:
-            with guarded:
-                optimizer.step()
+            if not lomo:  # LOMO's step is a no-op: its backward applied the update
+                with guarded:
+                    optimizer.step()
             skipped = False
         events.optimizer_step()
-        learning_rate = _current_lr(state.scheduler, optimizer)
-        if not skipped:
+        learning_rate = current_lr(state.scheduler, optimizer)
+        # A metric-driven scheduler (ReduceLROnPlateau, GreedyLR, ...) moves after evaluation instead.
+        if not skipped and not is_metric_driven(state.scheduler):
             state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         nonfinite = guard.report() if guard else None
@@ -487,10 +441,7 @@ class TorchBackend:
         return distributed.all_sum(value, self.dist, self.device)
 
     def on_eval_metric(self, state: TorchState, value: float) -> None:
-        if isinstance(state.scheduler, PlateauScheduler):
-            state.scheduler.observe(value)
-        elif isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            state.scheduler.step(value)
+        step_with_metric(state.scheduler, value)  # the metric-driven ones, the user's included; others are left alone
 
     # ------------------------------------------------------------------ state I/O
 
@@ -636,12 +587,6 @@ def _can_return_loss(model: nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return param is not None and param.default is True
-
-
-def _current_lr(scheduler, optimizer) -> float:
-    if hasattr(scheduler, "get_last_lr"):
-        return float(scheduler.get_last_lr()[0])
-    return float(optimizer.param_groups[0]["lr"])
 
 
 def _extract_loss(outputs: Any, inputs: Mapping) -> torch.Tensor:

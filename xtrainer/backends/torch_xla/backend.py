@@ -30,6 +30,7 @@ Options (a TrainingArguments attribute of that name, else the environment variab
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -53,12 +54,12 @@ from ..torch.backend import (
     TorchBackend,
     TorchState,
     _accepts_loss_kwargs,
-    _current_lr,
     _is_causal_lm_class,
     _loss_shifts_labels,
     watch_underflow_overflow,
 )
 from ..torch.nan_guard import make_nan_guard
+from ..torch.schedulers import current_lr, is_metric_driven
 from . import spmd
 from .static_shapes import PadPolicy, Padded, batch_signature, describe_change, pad_batch
 
@@ -317,9 +318,10 @@ class TorchXlaBackend(TorchBackend):
             if group.get("fused"):  # torch's fused kernels have no XLA version; the plain update is the same math
                 group["fused"] = False
         if optimizer.state:
-            optimizer.state = type(optimizer.state)(
-                {by_host.get(id(p), p): v for p, v in optimizer.state.items()}
-            )
+            # A defaultdict(dict), as torch builds it; Adagrad fills it in its constructor already.
+            remapped = collections.defaultdict(dict)
+            remapped.update({by_host.get(id(p), p): v for p, v in optimizer.state.items()})
+            optimizer.state = remapped
 
     # ------------------------------------------------------------------ data placement
 
@@ -368,8 +370,9 @@ class TorchXlaBackend(TorchBackend):
         if not had_state:  # this step created the optimizer state: lay it out like the parameters
             self._reshard_optimizer(optimizer)
         events.optimizer_step()
-        learning_rate = _current_lr(state.scheduler, optimizer)
-        state.scheduler.step()
+        learning_rate = current_lr(state.scheduler, optimizer)
+        if not is_metric_driven(state.scheduler):  # ReduceLROnPlateau, GreedyLR...: stepped after evaluation
+            state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = torch.stack(losses)
         spmd.sync()
