@@ -7,6 +7,7 @@ with a warning that names what changed. Metrics stay on device; the front reads 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -60,6 +61,7 @@ class JaxBackend:
         self._eval_fns: dict = {}
         self.compile_seconds: list[float] = []
         self._last_compiled = None  # the train step that ran last (its cost analysis gives step_flops)
+        self._in_train = False  # between init_state and finalize (bf16/fp16_full_eval apply outside it)
         self._scalar_cache: dict = {}  # host scalar bytes -> replicated device array (see _replicate)
 
     # ------------------------------------------------------------------ setup
@@ -118,7 +120,9 @@ class JaxBackend:
     def default_label_names(self) -> list[str]:
         # Models that only return logits still get `labels`: the trainer computes their loss.
         names = self.adapter.input_names or []
-        return [n for n in names if "label" in n] or ["labels"]
+        # shift_labels (the reference Llama's) is an alternative to labels, not a column every batch has:
+        # counted as a label name, batches without it would be evaluated as unlabelled.
+        return [n for n in names if "label" in n and n != "shift_labels"] or ["labels"]
 
     def counts_label_items(self) -> tuple[bool, bool]:
         shifts = getattr(self.model, "loss_shifts_labels", None)
@@ -142,7 +146,29 @@ class JaxBackend:
             loss_scaling=bool(args.fp16),
             remat=bool(args.activation_checkpointing),
             nan_policy=getattr(args, "nan_policy", "ignore"),
+            label_smoothing=float(args.label_smoothing_factor or 0.0),
+            shift_labels=self._smoothing_shifts_labels(),
         )
+
+    def _smoothing_shifts_labels(self) -> bool:
+        """Whether label smoothing aligns labels as for a causal LM (HF: the model class is a causal LM)."""
+        if self.adapter.kind == "torchax":
+            from ..torch.backend import _is_causal_lm_class
+
+            return _is_causal_lm_class(self.model)
+        return self.counts_label_items()[1]
+
+    def _eval_config(self) -> StepConfig:
+        """The eval step's settings: the training ones, with bf16/fp16_full_eval's dtype outside train()
+        (transformers casts the model for an evaluate/predict that train() did not start)."""
+        config = getattr(self, "config", None) or StepConfig(
+            learning_rate=0.0, schedule=_constant_schedule, compute_dtype=self.compute_dtype,
+            label_smoothing=float(self.args.label_smoothing_factor or 0.0), shift_labels=self._smoothing_shifts_labels(),
+        )
+        full_eval = jnp.bfloat16 if self.args.bf16_full_eval else jnp.float16 if self.args.fp16_full_eval else None
+        if full_eval is not None and not self._in_train:
+            config = dataclasses.replace(config, compute_dtype=full_eval)
+        return config
 
     def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> dict:
         self.config = self._step_config(num_training_steps)
@@ -168,6 +194,7 @@ class JaxBackend:
         state = self._globalize(state, self.state_shardings)
         self._host_step = 0
         self._compiled = {}
+        self._in_train = True
         return state
 
     # ------------------------------------------------------------------ data placement
@@ -308,11 +335,10 @@ class JaxBackend:
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
         has_labels = bool(label_names) and all(k in batch.arrays for k in label_names)
         with_items = num_items_in_batch is not None and has_labels
-        key = (has_labels, with_items)
+        config = self._eval_config()
+        key = (has_labels, with_items, config)
         fn = self._eval_fns.get(key)
         if fn is None:
-            config = getattr(self, "config", None) or StepConfig(learning_rate=0.0, schedule=lambda s: 1.0,
-                                                                  compute_dtype=self.compute_dtype)
             fn = jax.jit(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items))
             self._eval_fns[key] = fn
         loss, logits = fn(params, extra, batch.arrays, self._replicate(np.float32(num_items_in_batch or 0), reuse=True))
@@ -389,6 +415,7 @@ class JaxBackend:
             state_io.export_params(self.adapter, params, extra, directory)
 
     def finalize(self, state) -> Any:
+        self._in_train = False
         self.params, self.extra = state["params"], state["extra"]
         return self.adapter.write_back(self.params, self.extra)
 
@@ -411,6 +438,11 @@ class JaxBackend:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("xtrainer")
+
+
+def _constant_schedule(step):
+    """The lr multiplier of an eval-only step config (one function, so equal configs hash equal)."""
+    return 1.0
 
 
 def _without_run_counters(state: dict) -> dict:

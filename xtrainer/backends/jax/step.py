@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .losses import make_label_smoother
+
 _FP16_GROWTH_INTERVAL = 2000  # steps without overflow before the fp16 loss scale doubles
 
 
@@ -30,6 +32,8 @@ class StepConfig:
     loss_scaling: bool = False  # dynamic loss scaling (fp16)
     remat: bool = False  # rematerialise the forward pass in the backward pass
     nan_policy: str = "ignore"  # "skip" / "raise": updates with a non-finite loss or grad norm are not applied
+    label_smoothing: float = 0.0  # label_smoothing_factor: the trainer computes a smoothed loss (losses.py)
+    shift_labels: bool = False  # causal LM: the smoothed loss scores logits[t] against labels[t + 1]
 
 
 def init_nan_counters() -> dict:
@@ -148,11 +152,13 @@ def make_loss_fn(adapter, config: StepConfig, compute_loss_func: Callable | None
     they are averaged over the window.
     """
     trace_info = {} if trace_info is None else trace_info
+    smoother = make_label_smoother(config.label_smoothing, config.shift_labels) if compute_loss_func is None else None
 
     def loss_fn(params, extra, batch, rng, num_items):
         inputs = dict(batch)
         labels = inputs.get("labels")
-        if compute_loss_func is not None:
+        smoothing = smoother is not None and labels is not None  # HF: labels go to the smoother, not the model
+        if compute_loss_func is not None or smoothing:
             inputs.pop("labels", None)
         elif adapter.accepts_num_items and num_items is not None:
             inputs["num_items_in_batch"] = num_items
@@ -165,6 +171,9 @@ def make_loss_fn(adapter, config: StepConfig, compute_loss_func: Callable | None
         if compute_loss_func is not None:
             loss = compute_loss_func(outputs, labels, num_items_in_batch=num_items)
             trace_info["normalized"] = True
+        elif smoothing:
+            loss = smoother(outputs, labels, num_items)
+            trace_info["normalized"] = num_items is not None
         else:
             loss, logits = split_outputs(outputs)
             trace_info["normalized"] = num_items is not None and (loss is None or adapter.accepts_num_items)
