@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
-from . import multihost, state_io
+from . import multihost, neftune, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
 from .optim import build_optimizer
@@ -94,7 +94,9 @@ class JaxBackend:
             )
         self.local_batch_devices = self.mesh_config.batch_devices // self.num_processes
         self.model = model
-        self.adapter = make_adapter(model, seed=args.seed)
+        with neftune.flax_noise_while_capturing(model, args.neftune_noise_alpha):
+            self.adapter = make_adapter(model, seed=args.seed)
+        self.neftune = neftune.TorchaxNeftune(model, args.neftune_noise_alpha)
         rules = parse_sharding_rules(args.sharding_rules)
         logical = self.adapter.logical_axes()
         self.param_shardings = jax.tree_util.tree_map_with_path(
@@ -171,6 +173,7 @@ class JaxBackend:
         return config
 
     def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> dict:
+        self.neftune.attach()
         self.config = self._step_config(num_training_steps)
         self.tx = optimizers[0] if optimizers[0] is not None else build_optimizer(self.args)
         opt_state = jax.jit(self.tx.init)(self.params)  # moment shardings follow the params'
@@ -416,6 +419,7 @@ class JaxBackend:
 
     def finalize(self, state) -> Any:
         self._in_train = False
+        self.neftune.detach()
         self.params, self.extra = state["params"], state["extra"]
         return self.adapter.write_back(self.params, self.extra)
 

@@ -22,6 +22,7 @@ from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
 from . import distributed, state_io
 from .nan_guard import make_nan_guard
+from .neftune import Neftune
 from .optim import build_optimizer
 
 
@@ -152,6 +153,7 @@ class TorchBackend:
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
+        self.neftune = Neftune(args.neftune_noise_alpha, model)  # hooks attached for each train() run
         return model
 
     def _pick_device(self, args) -> torch.device:
@@ -171,6 +173,7 @@ class TorchBackend:
 
     def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> TorchState:
         args = self.args
+        self.neftune.attach(self.model)
         runner = distributed.wrap_model(self.model, args, self.dist, self.device)
         if args.torch_compile:
             runner = torch.compile(
@@ -368,6 +371,7 @@ class TorchBackend:
         state_io.save_model_weights(self.model, directory, self.dist)
 
     def finalize(self, state) -> nn.Module:
+        self.neftune.detach()
         return self.model
 
     def barrier(self) -> None:

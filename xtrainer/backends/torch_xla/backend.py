@@ -58,6 +58,7 @@ from ..torch.backend import (
     build_lr_scheduler,
 )
 from ..torch.nan_guard import make_nan_guard
+from ..torch.neftune import Neftune
 from ..torch.optim import build_optimizer
 from . import spmd
 from .static_shapes import PadPolicy, Padded, batch_signature, describe_change, pad_batch
@@ -265,6 +266,7 @@ class TorchXlaBackend(TorchBackend):
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
+        self.neftune = Neftune(args.neftune_noise_alpha, model)  # hooks on the device model for each train() run
         self.policy = PadPolicy(
             rows=self.options.pad_batches,
             seq_bucket=self.options.seq_bucket if self.options.pad_batches else None,
@@ -293,6 +295,7 @@ class TorchXlaBackend(TorchBackend):
         self._steps = 0
         self.compile_events = []
         guard = make_nan_guard(args, self.device)
+        self.neftune.attach(self.model)
         return TorchState(model=self.model, optimizer=optimizer, scheduler=scheduler, scaler=None, nan_guard=guard)
 
     def _adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -571,5 +574,6 @@ class TorchXlaBackend(TorchBackend):
         state_io.save_model_weights(self.host_model, directory, self.dist)
 
     def finalize(self, state) -> nn.Module:
+        self.neftune.detach()
         self._pull_weights()
         return self.host_model
