@@ -21,6 +21,7 @@ from torch import nn
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
 from . import distributed, state_io
+from .device_cache import CacheEmptier
 from .nan_guard import make_nan_guard
 from .neftune import Neftune
 from .optim import build_optimizer
@@ -154,6 +155,7 @@ class TorchBackend:
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
         self.neftune = Neftune(args.neftune_noise_alpha, model)  # hooks attached for each train() run
+        self.cache_emptier = CacheEmptier(args.torch_empty_cache_steps, self.device)
         return model
 
     def _pick_device(self, args) -> torch.device:
@@ -174,6 +176,7 @@ class TorchBackend:
     def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> TorchState:
         args = self.args
         self.neftune.attach(self.model)
+        self.cache_emptier.steps_done = 0
         runner = distributed.wrap_model(self.model, args, self.dist, self.device)
         if args.torch_compile:
             runner = torch.compile(
@@ -242,6 +245,7 @@ class TorchBackend:
             with sync:
                 with self._autocast():
                     loss = self._compute_loss(model, inputs, num_items)
+                self.cache_emptier.after_forward()
                 if not scaled_for_ga:
                     loss = loss / len(window)
                 if state.scaler is not None:
@@ -271,6 +275,7 @@ class TorchBackend:
                 optimizer.step()
             skipped = False
         events.optimizer_step()
+        self.cache_emptier.after_optimizer_step()
         learning_rate = _current_lr(state.scheduler, optimizer)
         if not skipped:
             state.scheduler.step()
@@ -361,6 +366,7 @@ class TorchBackend:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
         state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
         state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
+        self.cache_emptier.resume_from(directory)
         return state
 
     def load_model_weights(self, state, directory: str) -> None:
