@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
-from . import multihost, neftune, state_io
+from . import determinism, multihost, neftune, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
 from .optim import build_optimizer
@@ -297,7 +297,8 @@ class JaxBackend:
             donate_argnums=(0,),
         )
         start = time.perf_counter()
-        compiled = jitted.lower(state, arrays, mask, num_items).compile()
+        compiled = jitted.lower(state, arrays, mask, num_items).compile(
+            compiler_options=determinism.compiler_options(self.args))
         seconds = time.perf_counter() - start
         if self._compiled:
             previous = next(reversed(self._compiled))
@@ -342,7 +343,8 @@ class JaxBackend:
         key = (has_labels, with_items, config)
         fn = self._eval_fns.get(key)
         if fn is None:
-            fn = jax.jit(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items))
+            fn = jax.jit(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items),
+                         compiler_options=determinism.compiler_options(self.args))
             self._eval_fns[key] = fn
         loss, logits = fn(params, extra, batch.arrays, self._replicate(np.float32(num_items_in_batch or 0), reuse=True))
         labels = None
