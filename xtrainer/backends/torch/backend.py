@@ -175,6 +175,7 @@ class TorchBackend:
 
     def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> TorchState:
         args = self.args
+        self._in_train = True  # until finalize: evaluations use the training precision (bf16/fp16_full_eval do not apply)
         self.neftune.attach(self.model)
         self.cache_emptier.steps_done = 0
         runner = distributed.wrap_model(self.model, args, self.dist, self.device)
@@ -285,7 +286,18 @@ class TorchBackend:
         nonfinite = guard.report() if guard else None
         return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, nonfinite=nonfinite)
 
+    def _apply_full_eval_dtype(self) -> None:
+        """bf16/fp16_full_eval: an evaluation outside train() runs the model cast to that dtype.
+
+        As in transformers, the cast is in place (no second copy of the weights: that is the memory
+        the option saves), so the model stays in that dtype afterwards.
+        """
+        dtype = torch.bfloat16 if self.args.bf16_full_eval else torch.float16 if self.args.fp16_full_eval else None
+        if dtype is not None and not getattr(self, "_in_train", False):
+            self.model.to(dtype=dtype)
+
     def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
+        self._apply_full_eval_dtype()
         model = state.model if state is not None else self.model
         model.eval()
         has_labels = bool(label_names) and all(batch.get(k) is not None for k in label_names)
@@ -377,6 +389,7 @@ class TorchBackend:
         state_io.save_model_weights(self.model, directory, self.dist)
 
     def finalize(self, state) -> nn.Module:
+        self._in_train = False
         self.neftune.detach()
         return self.model
 

@@ -295,6 +295,7 @@ class TorchXlaBackend(TorchBackend):
         self._steps = 0
         self.compile_events = []
         guard = make_nan_guard(args, self.device)
+        self._in_train = True  # until finalize (bf16/fp16_full_eval apply to evaluations outside train())
         self.neftune.attach(self.model)
         return TorchState(model=self.model, optimizer=optimizer, scheduler=scheduler, scaler=None, nan_guard=guard)
 
@@ -574,6 +575,7 @@ class TorchXlaBackend(TorchBackend):
         state_io.save_model_weights(self.host_model, directory, self.dist)
 
     def finalize(self, state) -> nn.Module:
+        self._in_train = False
         self.neftune.detach()
         self._pull_weights()
         return self.host_model
