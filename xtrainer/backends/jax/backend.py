@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ...fsdp_options import spmd_fsdp_plan
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
@@ -73,7 +74,8 @@ class JaxBackend:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.args = args
         self.compute_loss_func = compute_loss_func
-        mesh_spec = args.mesh
+        self.fsdp_plan = spmd_fsdp_plan(args, args.mesh, jax.process_count(), self.name)
+        mesh_spec = self.fsdp_plan.mesh
         if getattr(args, "tpu_config", None):
             from ...tpu_presets import check_against_devices, load_preset
 
@@ -102,7 +104,8 @@ class JaxBackend:
         self.param_shardings = jax.tree_util.tree_map_with_path(
             lambda path, x: NamedSharding(
                 self.mesh,
-                PartitionSpec(*param_spec(_path_str(path), np.shape(x), self.mesh_config, rules, logical.get(_path_str(path)))),
+                PartitionSpec(*param_spec(_path_str(path), np.shape(x), self.mesh_config, rules, logical.get(_path_str(path)),
+                                          min_size=self.fsdp_plan.min_num_params)),
             ),
             self.adapter.params,
         )
@@ -146,7 +149,7 @@ class JaxBackend:
             max_grad_norm=args.max_grad_norm,
             compute_dtype=self.compute_dtype,
             loss_scaling=bool(args.fp16),
-            remat=bool(args.activation_checkpointing),
+            remat=bool(args.activation_checkpointing) or self.fsdp_plan.activation_checkpointing,
             nan_policy=getattr(args, "nan_policy", "ignore"),
             label_smoothing=float(args.label_smoothing_factor or 0.0),
             shift_labels=self._smoothing_shifts_labels(),

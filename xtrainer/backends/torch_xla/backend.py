@@ -45,6 +45,7 @@ import torch_xla.core.xla_model as xm
 import torch_xla.runtime as xr
 from torch import nn
 
+from ...fsdp_options import spmd_fsdp_plan
 from ...sharding import MeshConfig, parse_sharding_rules
 from ..base import EvalOutput, StepMetrics
 from ..torch import distributed, state_io
@@ -247,14 +248,16 @@ class TorchXlaBackend(TorchBackend):
         self.options = XlaOptions.from_args(args)
         self.dist = distributed.DistInfo()
         self.num_processes, self.process_index = 1, 0
-        self.mesh_config = MeshConfig.resolve(args.mesh, xr.global_runtime_device_count())
+        self.fsdp_plan = spmd_fsdp_plan(args, args.mesh, 1, self.name)  # fsdp/fsdp_config -> the mesh
+        self.mesh_config = MeshConfig.resolve(self.fsdp_plan.mesh, xr.global_runtime_device_count())
         self.mesh = spmd.build_mesh(self.mesh_config)
         self.local_batch_devices = self.mesh_config.batch_devices
-        self.placement = spmd.Placement(self.mesh, self.mesh_config, parse_sharding_rules(args.sharding_rules))
+        self.placement = spmd.Placement(self.mesh, self.mesh_config, parse_sharding_rules(args.sharding_rules),
+                                        min_size=self.fsdp_plan.min_num_params)
         self.device = self.placement.device
         self.amp_dtype = torch.bfloat16 if args.bf16 else None
         xm.set_rng_state(int(args.seed))  # dropout on the device (HF's set_seed does the same)
-        if args.activation_checkpointing:
+        if args.activation_checkpointing or self.fsdp_plan.activation_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError(
                     "activation_checkpointing=True (gradient_checkpointing) needs a model with "
