@@ -20,7 +20,7 @@ from torch import nn
 
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
-from . import distributed, state_io
+from . import distributed, fsdp, state_io
 from .device_cache import CacheEmptier
 from .nan_guard import make_nan_guard
 from .neftune import Neftune
@@ -143,7 +143,12 @@ class TorchBackend:
         self.amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
             raise ValueError("fp16=True needs torch.amp.GradScaler; use bf16=True on CPU.")
-        self.model = model.to(self.device)
+        fsdp_options = fsdp.options(args)
+        # cpu_ram_efficient_loading: the weights move to the devices shard by shard (fsdp.shard), never whole,
+        # and processes other than rank 0 may hold a meta-device model.
+        lazy = self.dist.sharded and fsdp_options.cpu_ram_efficient_loading
+        self.model = model if lazy else model.to(self.device)
+        self.sharded_checkpoints = self.dist.sharded and fsdp_options.sharded_state_dict
         if args.activation_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError(
@@ -370,20 +375,29 @@ class TorchBackend:
     # ------------------------------------------------------------------ state I/O
 
     def save(self, state: TorchState, directory: str, *, save_only_model: bool = False) -> None:
-        state_io.save_model_weights(self.model, directory, self.dist)
+        if self.sharded_checkpoints:  # fsdp_config state_dict_type="SHARDED_STATE_DICT": per-rank shards
+            fsdp.save_sharded_model(self.model, directory, self.dist.is_main)
+        else:
+            state_io.save_model_weights(self.model, directory, self.dist)
         if not save_only_model:
             state_io.save_training_state(state, directory, self.dist)
 
+    def _load_weights(self, directory: str, unsafe: bool) -> None:
+        if fsdp.has_sharded_model(directory):  # written with state_dict_type="SHARDED_STATE_DICT"
+            fsdp.load_sharded_model(self.model, directory, distributed=self.dist.world_size > 1)
+        else:
+            state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+
     def restore(self, state: TorchState, directory: str) -> TorchState:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
-        state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+        self._load_weights(directory, unsafe)
         state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
         self.cache_emptier.resume_from(directory)
         return state
 
     def load_model_weights(self, state, directory: str) -> None:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
-        state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+        self._load_weights(directory, unsafe)
 
     def export_model(self, state, directory: str) -> None:
         state_io.save_model_weights(self.model, directory, self.dist)
