@@ -225,6 +225,8 @@ def test_jax_min_num_params_and_activation_checkpointing(tmp_path, caplog):
     leaves = list(zip(jax.tree.leaves(sizes), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, tuple))))
     assert any(size >= 600 for size, _ in leaves) and any(size < 600 for size, _ in leaves)
     assert all(("fsdp" in spec) == (size >= 600) for size, spec in leaves)  # the 1024-element tables only
-    assert backend._step_config(1).remat  # fsdp_config's activation_checkpointing: the step rematerialises
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    backend.init_state(1, trainer.optimizer, trainer.lr_scheduler)
+    assert backend.config.remat  # fsdp_config's activation_checkpointing: the step rematerialises
     warned = {r.getMessage().split("'")[1] for r in caplog.records}
     assert warned == {"cpu_offload", "transformer_layer_cls_to_wrap", "state_dict_type"}
