@@ -210,7 +210,7 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "data_seed": front("test_data_order"),
     "full_determinism": per_backend(
         torch=_acts(BACK + "test_full_determinism_on_torch"),
-        jax=_acts(REAL + "test_full_determinism.py::test_flags_reach_xla_and_two_runs_are_bitwise_equal",
+        jax=_acts(REAL + "test_full_determinism.py::test_flags_reach_the_compiler_and_two_runs_are_bitwise_equal",
                   REAL + "test_full_determinism.py::test_trainer_steps_compile_with_the_options_after_jax_started",
                   note="xla_gpu_deterministic_ops for the process (when JAX has not started) and for every step it "
                        "compiles; XLA:CPU and TPU steps are deterministic already"),

@@ -101,7 +101,7 @@ def test_jax_fsdp_against_a_mesh_without_fsdp_axis_is_refused(tmp_path):
         _jax_trainer(tmp_path, fsdp="full_shard", mesh={"data": -1})
 
 
-def test_jax_shard_grad_op_says_xla_schedules_the_gathers(tmp_path, caplog):
+def test_jax_shard_grad_op_says_the_compiler_schedules_the_gathers(tmp_path, caplog):
     pytest.importorskip("flax")
     with caplog.at_level(logging.WARNING, logger="xtrainer.fsdp_options"):
         trainer = _jax_trainer(tmp_path, fsdp="shard_grad_op")

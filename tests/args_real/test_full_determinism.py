@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-def test_flags_reach_xla_and_two_runs_are_bitwise_equal(tmp_path):
+def test_flags_reach_the_compiler_and_two_runs_are_bitwise_equal(tmp_path):
     """A fresh process: TrainingArguments(full_determinism=True) before JAX starts puts the flag in XLA_FLAGS;
     XLA's dump of every compiled module (the train step and JAX's own small programs) lists it as set."""
     dump = tmp_path / "xla_dump"
@@ -102,7 +102,7 @@ def test_process_flags_are_added_only_before_jax_starts(monkeypatch):
     assert not determinism.request_process_flags() and os.environ["XLA_FLAGS"] == ""
 
 
-def test_xla_rejects_unknown_options_so_accepted_ones_are_read():
+def test_the_compiler_rejects_unknown_options_so_accepted_ones_are_read():
     """Guards the test above: XLA validates per-compilation option names, so ours are real DebugOptions fields."""
     lowered = jax.jit(lambda x: x * 2).lower(np.ones(3, np.float32))
     lowered.compile(compiler_options=determinism.DETERMINISTIC_OPTIONS)

@@ -212,11 +212,12 @@ def test_torchax_gpt2_noise_follows_the_step_rng(tmp_path):
     pytest.importorskip("torchax")
     base = _gpt2()
     noisy_eval, noisy = _run(copy.deepcopy(base), tmp_path / "a", "jax", ALPHA, per_device=1)
-    again_eval, again = _run(copy.deepcopy(base), tmp_path / "b", "jax", ALPHA, per_device=1)
+    _, other_seed = _run(copy.deepcopy(base), tmp_path / "b", "jax", ALPHA, per_device=1, seed=1, evaluate=False)
     plain_eval, plain = _run(copy.deepcopy(base), tmp_path / "c", "jax", None, per_device=1)
-    assert noisy_eval == pytest.approx(plain_eval, abs=1e-6) and noisy_eval == again_eval
-    np.testing.assert_array_equal(noisy, again)
+    assert noisy_eval == pytest.approx(plain_eval, abs=1e-6)  # evaluation: no noise
     assert np.all(np.abs(noisy - plain) > 1e-4), (noisy, plain)
+    # GPT-2's dropout is 0 and the data order is fixed: the seed changes the losses only through the noise.
+    assert np.all(np.abs(noisy - other_seed) > 1e-4), (noisy, other_seed)
 
 
 def test_torch_xla_noises_training_only(tmp_path):
