@@ -49,8 +49,9 @@ class Script:
 
 
 FRONT = "tests/args/test_front_fields.py::"
-HUB = "tests/args_real/test_hub_fields.py::"
 BACK = "tests/args/test_backend_fields.py::"
+MEM = "tests/args_real/test_skip_memory_metrics.py::"
+HUB = "tests/args_real/test_hub_fields.py::"
 REAL = "tests/args_real/"
 
 
@@ -255,7 +256,12 @@ SUPPORT: dict[str, dict[str, Any]] = {
         jax=NoEffect("XLA's runtime owns device memory and keeps no allocator cache to hand back; lower "
                      "XLA_PYTHON_CLIENT_MEM_FRACTION or set XLA_PYTHON_CLIENT_PREALLOCATE=false to leave memory free"),
         torch_xla=NoEffect("the XLA runtime owns device memory and keeps no allocator cache to hand back")),
-    "skip_memory_metrics": everywhere(_acts("tests/args_real/test_skip_memory_metrics.py::test_memory_metrics_per_stage")),
+    "skip_memory_metrics": per_backend(
+        torch=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the CUDA allocator's figures on GPUs"),
+        jax=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the devices' memory_stats() where the "
+                  "runtime reports them (JAX's CPU devices report none: RSS only)"),
+        torch_xla=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS only; the XLA devices' memory is not "
+                        "measured")),
     "use_liger_kernel": per_backend(
         torch=Refused("xtrainer does not patch models with Liger's Triton kernels in this version; train without it, "
                       "or apply liger_kernel.transformers to the model yourself before building the Trainer"),

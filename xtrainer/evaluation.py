@@ -12,6 +12,7 @@ import numpy as np
 
 from . import data
 from .backends.base import EvalOutput
+from .compat.banner import log_evaluation_banner
 from .trainer_utils import EvalLoopOutput, EvalPrediction, denumpify_detensorize
 
 
@@ -58,6 +59,7 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     loss_only = prediction_loss_only if prediction_loss_only is not None else args.prediction_loss_only
     state = trainer._backend_state  # None before train(): the backend evaluates the model as it is
     batch_size = args.per_device_eval_batch_size * backend.local_batch_devices
+    log_evaluation_banner(trainer, loader, description, batch_size)
     include = set(args.include_for_metrics or [])
     keep_batches = not args.batch_eval_metrics or description == "Prediction"
     losses, preds, labels, inputs = (_HostAccumulator(backend.to_host) for _ in range(4))

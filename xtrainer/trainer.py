@@ -41,7 +41,7 @@ from .callbacks import (
 )
 from .compat import flops, hub, metrics_report
 from .compat.accelerator import AcceleratorView
-from .compat.banner import log_training_banner
+from .compat.banner import install_default_handler, log_training_banner
 from .compat.memory import MemoryTracker
 from .compat.resume_checks import warn_on_mismatched_arguments
 from .hooks import TrainerHooks
@@ -107,6 +107,7 @@ class Trainer:
         # log_level on the main process, log_level_replica elsewhere, for xtrainer's loggers (as transformers
         # sets its own library's verbosity).
         logging.getLogger("xtrainer").setLevel(self.args.get_process_log_level())
+        install_default_handler()  # log_level="info" shows without a logging setup, as transformers' logs do
         # skip_memory_metrics=False: memory used by __init__, train, evaluate and predict (compat/memory.py).
         self._memory_tracker = MemoryTracker(None, skip=self.args.skip_memory_metrics)
         set_seed(self.args.seed, deterministic=self.args.full_determinism)
@@ -736,7 +737,11 @@ class Trainer:
         return 1
 
     def get_tp_size(self) -> int:
-        """Tensor-parallel degree: the mesh's tensor axis (jax, torch_xla), else 1."""
+        """Tensor-parallel degree: the model's `_tp_size` (transformers' tensor-parallel loading records it), else
+        the mesh's tensor axis (jax, torch_xla), else 1."""
+        model_tp = getattr(self.model, "_tp_size", None)
+        if model_tp is not None:
+            return int(model_tp)
         return int(getattr(getattr(self.backend, "mesh_config", None), "tensor", 1) or 1)
 
     def create_accelerator_and_postprocess(self) -> None:

@@ -39,7 +39,10 @@ _REGISTRY: dict[str, tuple[tuple[str, ...], Callable[[], type]]] = {
 
 
 def _importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a dotted name whose parent package is missing ("orbax.checkpoint" without orbax)
+        return False
 
 
 def available_backends() -> list[str]:
@@ -81,8 +84,8 @@ def resolve_backend_name(requested: str, model: Any) -> str:
         missing = [d for d in deps if not _importable(d)]
         if missing:
             raise ValueError(
-                f"backend={requested!r} needs {', '.join(missing)}, which is not installed: "
-                f"pip install 'xtrainer[{_EXTRAS[requested]}]'."
+                f"backend={requested!r} needs {', '.join(missing)}, {'which is' if len(missing) == 1 else 'which are'} "
+                f"not installed: pip install 'xtrainer[{_EXTRAS[requested]}]'."
             )
         return requested
     kind = model_kind(model)

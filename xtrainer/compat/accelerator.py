@@ -69,9 +69,9 @@ class AcceleratorView:
 
     # ---- the calls libraries make
     def unwrap_model(self, model, keep_fp32_wrapper: bool = True):
-        while isinstance(getattr(model, "module", None), type(model).__mro__[-2]) and type(model).__name__ in (
-            "DataParallel", "DistributedDataParallel"
-        ):
+        # DataParallel and DistributedDataParallel keep the user's model in `.module`; compiled
+        # modules in `_orig_mod`. Matched by class name so torch need not be imported here.
+        while type(model).__name__ in ("DataParallel", "DistributedDataParallel") and hasattr(model, "module"):
             model = model.module
         inner = getattr(model, "_orig_mod", None)  # torch.compile
         return inner if inner is not None else model

@@ -587,7 +587,7 @@ class TorchBackend:
         """Destroys the process group this run joined (transformers' Trainer.end)."""
         import torch.distributed as dist
 
-        if self.num_processes > 1 and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():  # torchrun's, or one the script set up itself
             dist.destroy_process_group()
 
     def learning_rates(self, optimizer) -> list[float]:
