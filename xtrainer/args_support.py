@@ -52,6 +52,7 @@ FRONT = "tests/args/test_front_fields.py::"
 BACK = "tests/args/test_backend_fields.py::"
 MEM = "tests/args_real/test_skip_memory_metrics.py::"
 HUB = "tests/args_real/test_hub_fields.py::"
+REAL = "tests/args_real/"
 
 
 def _acts(*tests: str, note: str = "") -> Acts:
@@ -127,8 +128,9 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "max_grad_norm": _optimizer_proof(),
     "label_smoothing_factor": per_backend(
         torch=_acts("tests/parity/test_hf_trainer_parity.py::test_label_smoothing_matches_hf", BACK + "test_label_smoothing"),
-        jax=NoEffect("label smoothing is computed by the torch backends only in this version; smooth the targets in "
-                     "compute_loss or use backend='torch'"),
+        jax=_acts(REAL + "test_label_smoothing_factor.py::test_jax_reference_llama_matches_torch_backend",
+                  REAL + "test_label_smoothing_factor.py::test_torchax_gpt2_matches_torch_backend",
+                  note="the default compute_loss smooths in the compiled step, as transformers' LabelSmoother"),
         torch_xla=_acts(BACK + "test_label_smoothing"),
     ),
     # ---- precision
@@ -138,10 +140,22 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "fp16": per_backend(torch=_acts("tests/backends/torch/test_torch_backend.py::test_fp16_checkpoint_has_scaler_state"),
                         jax=_acts("tests/fault/test_nan_policy.py::test_fp16_skip_keeps_the_loss_scale"),
                         torch_xla=Refused("fp16 needs a loss scaler XLA does not run; use bf16=True")),
-    "bf16_full_eval": everywhere(NoEffect("evaluation runs in the training precision (bf16=True casts the compute) in "
-                                          "this version; cast the model yourself before evaluate()")),
-    "fp16_full_eval": everywhere(NoEffect("evaluation runs in the training precision in this version; cast the model "
-                                          "yourself before evaluate()")),
+    "bf16_full_eval": per_backend(
+        torch=_acts(REAL + "test_bf16_full_eval.py::test_torch_matches_transformers",
+                    REAL + "test_bf16_full_eval.py::test_torch_evaluation_during_training_keeps_float32"),
+        jax=_acts(REAL + "test_bf16_full_eval.py::test_jax_reference_model_evaluates_with_half_precision_weights",
+                  REAL + "test_bf16_full_eval.py::test_jax_evaluation_during_training_keeps_training_precision",
+                  REAL + "test_bf16_full_eval.py::test_torchax_evaluates_in_half_precision",
+                  note="the eval step casts the weights and float inputs; the trained fp32 weights stay as they are"),
+        torch_xla=_acts(REAL + "test_bf16_full_eval.py::test_torch_xla_evaluates_in_half_precision")),
+    "fp16_full_eval": per_backend(
+        torch=_acts(REAL + "test_fp16_full_eval.py::test_torch_matches_transformers",
+                    REAL + "test_fp16_full_eval.py::test_torch_evaluation_during_training_keeps_float32"),
+        jax=_acts(REAL + "test_fp16_full_eval.py::test_jax_reference_model_evaluates_with_half_precision_weights",
+                  REAL + "test_fp16_full_eval.py::test_jax_evaluation_during_training_keeps_training_precision",
+                  REAL + "test_fp16_full_eval.py::test_torchax_evaluates_in_half_precision",
+                  note="the eval step casts the weights and float inputs; the trained fp32 weights stay as they are"),
+        torch_xla=_acts(REAL + "test_fp16_full_eval.py::test_torch_xla_evaluates_in_half_precision")),
     "tf32": per_backend(torch=_acts(BACK + "test_tf32", note="TF32 matmuls on CUDA; an error without an Ampere GPU, as in "
                                     "transformers"),
                         jax=NoEffect("XLA chooses matmul precision; use jax.default_matmul_precision"),
@@ -219,8 +233,10 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "data_seed": front("test_data_order"),
     "full_determinism": per_backend(
         torch=_acts(BACK + "test_full_determinism_on_torch"),
-        jax=NoEffect("XLA:CPU and TPU steps are deterministic already; on GPU set "
-                     "XLA_FLAGS=--xla_gpu_deterministic_ops=true before JAX starts"),
+        jax=_acts(REAL + "test_full_determinism.py::test_flags_reach_the_compiler_and_two_runs_are_bitwise_equal",
+                  REAL + "test_full_determinism.py::test_trainer_steps_compile_with_the_options_after_jax_started",
+                  note="xla_gpu_deterministic_ops for the process (when JAX has not started) and for every step it "
+                       "compiles; XLA:CPU and TPU steps are deterministic already"),
         torch_xla=NoEffect("XLA steps are deterministic on TPU and CPU already")),
     "use_cpu": per_backend(torch=_acts("tests/backends/torch/test_torch_backend.py::test_device_is_chosen_automatically"),
                            jax=NoEffect("JAX picks its platform when it starts; set JAX_PLATFORMS=cpu"),
@@ -247,8 +263,21 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "length_column_name": front("test_data_order"),
     "auto_find_batch_size": everywhere(NoEffect("the batch size is not searched in this version; lower "
                                                 "per_device_train_batch_size or raise gradient_accumulation_steps")),
-    "neftune_noise_alpha": everywhere(NoEffect("NEFTune embedding noise is not applied in this version")),
-    "torch_empty_cache_steps": everywhere(NoEffect("the accelerator cache is not emptied in this version")),
+    "neftune_noise_alpha": per_backend(
+        torch=_acts(REAL + "test_neftune_noise_alpha.py::test_torch_hook_equals_transformers_hook",
+                    REAL + "test_neftune_noise_alpha.py::test_torch_backend_noises_training_embeddings_only"),
+        jax=_acts(REAL + "test_neftune_noise_alpha.py::test_jax_flax_llama_noise_follows_the_step_rng",
+                  REAL + "test_neftune_noise_alpha.py::test_jax_noise_has_the_exact_bound",
+                  REAL + "test_neftune_noise_alpha.py::test_torchax_gpt2_noise_follows_the_step_rng",
+                  note="torch modules (torchax) and xtrainer's Flax Llama/BERT/T5; other Flax models are refused"),
+        torch_xla=_acts(REAL + "test_neftune_noise_alpha.py::test_torch_xla_noises_training_only")),
+    "torch_empty_cache_steps": per_backend(
+        torch=_acts(REAL + "test_torch_empty_cache_steps.py::test_cache_is_emptied_every_n_steps_for_each_micro_batch",
+                    REAL + "test_torch_empty_cache_steps.py::test_resume_continues_the_step_count",
+                    note="CUDA/ROCm, XPU, MPS and NPU caches; on CPU it says once that there is none"),
+        jax=NoEffect("XLA's runtime owns device memory and keeps no allocator cache to hand back; lower "
+                     "XLA_PYTHON_CLIENT_MEM_FRACTION or set XLA_PYTHON_CLIENT_PREALLOCATE=false to leave memory free"),
+        torch_xla=NoEffect("the XLA runtime owns device memory and keeps no allocator cache to hand back")),
     "skip_memory_metrics": per_backend(
         torch=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the CUDA allocator's figures on GPUs"),
         jax=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the devices' memory_stats() where the "
@@ -275,12 +304,24 @@ SUPPORT: dict[str, dict[str, Any]] = {
                                          torch_xla=_NOT_ON_XLA_DDP),
     "ddp_static_graph": per_backend(torch=_acts(BACK + "test_ddp_fields_reach_ddp"), jax=_NOT_ON_JAX_DDP,
                                     torch_xla=_NOT_ON_XLA_DDP),
-    "fsdp": per_backend(torch=_acts("tests/backends/torch/test_distributed.py::test_fsdp_matches_one_process_with_doubled_batch"),
-                        jax=NoEffect("use mesh={'fsdp': N} to shard parameters over N devices"),
-                        torch_xla=NoEffect("use mesh={'fsdp': N} to shard parameters over N devices")),
-    "fsdp_config": per_backend(torch=_acts(BACK + "test_fsdp_config_layer_classes"),
-                               jax=NoEffect("use mesh={'fsdp': N} and sharding_rules"),
-                               torch_xla=NoEffect("use mesh={'fsdp': N} and sharding_rules")),
+    "fsdp": per_backend(torch=_acts("tests/backends/torch/test_distributed.py::test_fsdp_matches_one_process_with_doubled_batch",
+                                    REAL + "test_fsdp.py::test_fsdp_values_read_as_transformers_maps_them"),
+                        jax=_acts(REAL + "test_fsdp.py::test_jax_full_shard_shards_parameters_over_all_devices",
+                                  note="an fsdp mesh axis over all devices (hybrid_shard: data over hosts); "
+                                       "shard_grad_op says once that XLA schedules the gathers"),
+                        torch_xla=_acts(REAL + "test_fsdp.py::test_torch_xla_full_shard_shards_parameters_over_all_devices",
+                                        note="an fsdp mesh axis over all devices")),
+    "fsdp_config": per_backend(torch=_acts(BACK + "test_fsdp_config_layer_classes",
+                                           REAL + "test_fsdp_config.py::test_reshard_after_forward",
+                                           REAL + "test_fsdp_config.py::test_min_num_params_wraps_every_module_above_the_threshold",
+                                           REAL + "test_fsdp_config.py::test_sharded_state_dict_checkpoints",
+                                           note="every key FSDP2 has; FSDP1-only keys say once that they do nothing"),
+                               jax=_acts(REAL + "test_fsdp_config.py::test_jax_min_num_params_and_activation_checkpointing",
+                                         note="min_num_params and activation_checkpointing act; keys the SPMD "
+                                              "partitioner decides itself say so once"),
+                               torch_xla=_acts(REAL + "test_fsdp.py::test_torch_xla_full_shard_shards_parameters_over_all_devices",
+                                               note="min_num_params and activation_checkpointing act; keys the SPMD "
+                                                    "partitioner decides itself say so once")),
     "accelerator_config": everywhere(NoEffect(f"{_NO_ACCELERATE}; leave it unset")),
     "parallelism_config": everywhere(NoEffect(f"{_NO_ACCELERATE}; describe parallelism with mesh= (jax, torch_xla) or "
                                               "fsdp= under torchrun (torch)")),

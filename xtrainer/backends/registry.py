@@ -136,8 +136,13 @@ def get_backend(name: str) -> Any:
 def early_setup(args) -> None:
     """Process-level setup that must happen before any model is built (called by TrainingArguments).
 
-    Today: joining a multi-host JAX run when the environment asks for one.
+    Today: XLA's deterministic flags for full_determinism (read when JAX starts), and joining a
+    multi-host JAX run when the environment asks for one.
     """
+    if str(getattr(args, "backend", "auto")) in ("auto", "jax") and getattr(args, "full_determinism", False):
+        from .jax.determinism import request_process_flags
+
+        request_process_flags()
     if str(getattr(args, "backend", "auto")) in ("auto", "jax") and os.environ.get("JAX_COORDINATOR_ADDRESS"):
         from .jax.multihost import initialize_from_env
 

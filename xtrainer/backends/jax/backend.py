@@ -7,6 +7,7 @@ with a warning that names what changed. Metrics stay on device; the front reads 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ...fsdp_options import spmd_fsdp_plan
 from ...hooks import refuse_overrides
 from ...schedules import (
     load_metric_schedule,
@@ -28,7 +30,7 @@ from ...schedules import (
 )
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
-from . import multihost, state_io
+from . import determinism, multihost, neftune, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
 from . import optim
@@ -90,6 +92,7 @@ class JaxBackend:
         self._eval_fns: dict = {}
         self.compile_seconds: list[float] = []
         self._last_compiled = None  # the train step that ran last (its cost analysis gives step_flops)
+        self._in_train = False  # between init_state and finalize (bf16/fp16_full_eval apply outside it)
         self._scalar_cache: dict = {}  # host scalar bytes -> replicated device array (see _replicate)
         self._namespace = None  # multi-host: this backend's keys in the coordination service
 
@@ -108,7 +111,8 @@ class JaxBackend:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.args = args
         self.hooks = hooks
-        mesh_spec = args.mesh
+        self.fsdp_plan = spmd_fsdp_plan(args, args.mesh, jax.process_count(), self.name)
+        mesh_spec = self.fsdp_plan.mesh
         if getattr(args, "tpu_config", None):
             from ...tpu_presets import check_against_devices, load_preset
 
@@ -131,13 +135,16 @@ class JaxBackend:
             )
         self.local_batch_devices = self.mesh_config.batch_devices // self.num_processes
         self.model = model
-        self.adapter = make_adapter(model, seed=args.seed)
+        with neftune.flax_noise_while_capturing(model, args.neftune_noise_alpha):
+            self.adapter = make_adapter(model, seed=args.seed)
+        self.neftune = neftune.TorchaxNeftune(model, args.neftune_noise_alpha)
         rules = parse_sharding_rules(args.sharding_rules)
         logical = self.adapter.logical_axes()
         self.param_shardings = jax.tree_util.tree_map_with_path(
             lambda path, x: NamedSharding(
                 self.mesh,
-                PartitionSpec(*param_spec(_path_str(path), np.shape(x), self.mesh_config, rules, logical.get(_path_str(path)))),
+                PartitionSpec(*param_spec(_path_str(path), np.shape(x), self.mesh_config, rules, logical.get(_path_str(path)),
+                                          min_size=self.fsdp_plan.min_num_params)),
             ),
             self.adapter.params,
         )
@@ -158,7 +165,9 @@ class JaxBackend:
     def default_label_names(self) -> list[str]:
         # Models that only return logits still get `labels`: the trainer computes their loss.
         names = self.adapter.input_names or []
-        return [n for n in names if "label" in n] or ["labels"]
+        # shift_labels (the reference Llama's) is an alternative to labels, not a column every batch has:
+        # counted as a label name, batches without it would be evaluated as unlabelled.
+        return [n for n in names if "label" in n and n != "shift_labels"] or ["labels"]
 
     def counts_label_items(self) -> tuple[bool, bool]:
         shifts = getattr(self.model, "loss_shifts_labels", None)
@@ -221,8 +230,26 @@ class JaxBackend:
         peak = dict(explicit[1]).get("learning_rate", args.learning_rate) if explicit is not None else args.learning_rate
         return LrSchedule(peak, schedule_from_args(args, num_training_steps), metric_schedule_from_args(args))
 
+    def _smoothing_shifts_labels(self) -> bool:
+        """Whether label smoothing aligns labels as for a causal LM (HF: the model class is a causal LM)."""
+        if self.adapter.kind == "torchax":
+            from ..torch.backend import _is_causal_lm_class
+
+            return _is_causal_lm_class(self.model)
+        return self.counts_label_items()[1]
+
+    def _eval_config(self) -> StepConfig:
+        """The eval step's settings: the training ones, with bf16/fp16_full_eval's dtype outside train()
+        (transformers casts the model for an evaluate/predict that train() did not start)."""
+        config = getattr(self, "config", None) or StepConfig(lr_schedule=_constant_schedule, compute_dtype=self.compute_dtype)
+        full_eval = jnp.bfloat16 if self.args.bf16_full_eval else jnp.float16 if self.args.fp16_full_eval else None
+        if full_eval is not None and not self._in_train:
+            config = dataclasses.replace(config, compute_dtype=full_eval)
+        return config
+
     def init_state(self, num_training_steps: int, optimizer: Any, scheduler: Any) -> dict:
         args = self.args
+        self.neftune.attach()
         if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
             raise TypeError(
                 f"backend='jax' needs an optax GradientTransformation as the optimizer; got {type(optimizer).__name__}. "
@@ -259,7 +286,7 @@ class JaxBackend:
             max_grad_norm=args.max_grad_norm,
             compute_dtype=self.compute_dtype,
             loss_scaling=bool(args.fp16),
-            remat=bool(args.activation_checkpointing),
+            remat=bool(args.activation_checkpointing) or self.fsdp_plan.activation_checkpointing,
             nan_policy=getattr(args, "nan_policy", "ignore"),
         )
         state = {
@@ -283,6 +310,7 @@ class JaxBackend:
         self._host_step = 0
         self._compiled = {}
         self._eval_fns = {}
+        self._in_train = True
         return state
 
     def _learning_rate_at(self, step: int) -> float:
@@ -327,7 +355,8 @@ class JaxBackend:
                 "On backend='jax', compute_loss runs inside the compiled train/eval step, where `model` is the model "
                 "bound to the step's parameters; it cannot be called with a bare model."
             )
-        return default_compute_loss(self.adapter, self.hooks, model, inputs, return_outputs, num_items_in_batch)
+        return default_compute_loss(self.adapter, self.hooks, model, inputs, return_outputs, num_items_in_batch,
+                                    smoothing_shifts_labels=self._smoothing_shifts_labels())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         raise RuntimeError(
@@ -432,7 +461,8 @@ class JaxBackend:
             donate_argnums=(0,),
         )
         start = time.perf_counter()
-        compiled = jitted.lower(state, arrays, mask, num_items).compile()
+        compiled = jitted.lower(state, arrays, mask, num_items).compile(
+            compiler_options=determinism.compiler_options(self.args))
         seconds = time.perf_counter() - start
         if self._compiled:
             previous = next(reversed(self._compiled))
@@ -516,12 +546,13 @@ class JaxBackend:
         if ignore_keys is None:
             config = getattr(self.adapter.user_model, "config", None)
             ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["cache"]) or []) if config is not None else []
-        key = (has_labels, counts and count_items and has_labels, bool(shifts), tuple(ignore_keys))
+        config = self._eval_config()
+        key = (has_labels, counts and count_items and has_labels, bool(shifts), tuple(ignore_keys), config)
         fn = self._eval_fns.get(key)
         if fn is None:
-            config = getattr(self, "config", None) or StepConfig(lr_schedule=lambda s: 0.0, compute_dtype=self.compute_dtype)
             fn = jax.jit(make_eval_step(self.adapter, config, self.hooks, has_labels=key[0], count_items=key[1],
-                                        shifts_labels=key[2], ignore_keys=key[3]))
+                                        shifts_labels=key[2], ignore_keys=key[3]),
+                         compiler_options=determinism.compiler_options(self.args))
             self._eval_fns[key] = fn
         loss, logits = fn(model._xt_params, model._xt_extra, arrays)
         labels = None
@@ -679,6 +710,8 @@ class JaxBackend:
             state_io.export_params(self.adapter, params, extra, directory)
 
     def finalize(self, state) -> Any:
+        self._in_train = False
+        self.neftune.detach()
         self.params, self.extra = state["params"], state["extra"]
         return self.adapter.write_back(self.params, self.extra)
 
@@ -707,6 +740,11 @@ class JaxBackend:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("xtrainer")
+
+
+def _constant_schedule(step):
+    """The learning rate of an eval-only step config (one function, so equal configs hash equal)."""
+    return 0.0
 
 
 def _torch_to_host(x):

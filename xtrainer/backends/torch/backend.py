@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,10 @@ import torch
 from torch import nn
 
 from ..base import EvalOutput, StepMetrics
-from . import coordination, distributed, optim, save_snapshot, state_io
+from . import coordination, distributed, fsdp, optim, save_snapshot, state_io
+from .device_cache import CacheEmptier
 from .nan_guard import make_nan_guard
+from .neftune import Neftune
 from .optim import build_optimizer, decay_parameter_names
 from .schedulers import build_lr_scheduler, current_lr, is_metric_driven, step_with_metric
 
@@ -102,7 +105,12 @@ class TorchBackend:
         self.amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
             raise ValueError("fp16=True needs torch.amp.GradScaler; use bf16=True on CPU.")
-        self.model = model.to(self.device)
+        fsdp_options = fsdp.options(args)
+        # cpu_ram_efficient_loading: the weights move to the devices shard by shard (fsdp.shard), never whole,
+        # and processes other than rank 0 may hold a meta-device model.
+        lazy = self.dist.sharded and fsdp_options.cpu_ram_efficient_loading
+        self.model = model if lazy else model.to(self.device)
+        self.sharded_checkpoints = self.dist.sharded and fsdp_options.sharded_state_dict
         apply_tf32(args.tf32, self.device)
         watch_underflow_overflow(model, args)
         if args.activation_checkpointing:
@@ -115,6 +123,8 @@ class TorchBackend:
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
+        self.neftune = Neftune(args.neftune_noise_alpha, model)  # hooks attached for each train() run
+        self.cache_emptier = CacheEmptier(args.torch_empty_cache_steps, self.device)
         return model
 
     @property
@@ -159,6 +169,9 @@ class TorchBackend:
         """The module that runs forward in training: DDP / FSDP2 / torch.compile around the model (or the
         model itself); FSDP2 shards the model in place, so build the optimizer after this."""
         args = self.args
+        self._in_train = True  # until finalize: evaluations use the training precision (bf16/fp16_full_eval do not apply)
+        self.neftune.attach(self.model)
+        self.cache_emptier.steps_done = 0
         runner = distributed.wrap_model(self.model, args, self.dist, self.device)
         if args.torch_compile:
             runner = torch.compile(
@@ -279,6 +292,7 @@ class TorchBackend:
         with hooks.compute_loss_context_manager():
             loss = hooks.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
+        self.cache_emptier.after_forward()  # torch_empty_cache_steps: where transformers' training_step empties it
         if not self.loss_is_scaled_for_ga(num_items_in_batch):
             loss = loss / hooks.current_gradient_accumulation_steps
         self.backward(loss)
@@ -325,6 +339,7 @@ class TorchBackend:
                     optimizer.step()
             skipped = False
         events.optimizer_step()
+        self.cache_emptier.after_optimizer_step()
         learning_rate = current_lr(state.scheduler, optimizer)
         # A metric-driven scheduler (ReduceLROnPlateau, GreedyLR, ...) moves after evaluation instead.
         if not skipped and not is_metric_driven(state.scheduler):
@@ -337,7 +352,18 @@ class TorchBackend:
 
     def eval_model(self, state) -> nn.Module:
         """The model that prediction_step receives: the training wrapper during a run, else the model."""
+        self._apply_full_eval_dtype()
         return state.model if state is not None else self.model
+
+    def _apply_full_eval_dtype(self) -> None:
+        """bf16/fp16_full_eval: an evaluation outside train() runs the model cast to that dtype.
+
+        As in transformers, the cast is in place (no second copy of the weights: that is the memory
+        the option saves), so the model stays in that dtype afterwards.
+        """
+        dtype = torch.bfloat16 if self.args.bf16_full_eval else torch.float16 if self.args.fp16_full_eval else None
+        if dtype is not None and not getattr(self, "_in_train", False):
+            self.model.to(dtype=dtype)
 
     def eval_inputs(self, batch: dict) -> dict:
         return batch
@@ -447,8 +473,12 @@ class TorchBackend:
 
     #: The model weights live in their own files (model.safetensors), written through the Trainer's `_save`.
     weights_restored_with_state = False
-    #: Checkpoints hold the model files (transformers' layout), written through the Trainer's `_save`.
-    model_files_in_checkpoints = True
+
+    @property
+    def model_files_in_checkpoints(self) -> bool:
+        """Checkpoints hold the model files (transformers' layout), written through the Trainer's `_save`;
+        not with fsdp_config state_dict_type="SHARDED_STATE_DICT", where each rank writes its shards (save_async)."""
+        return not getattr(self, "sharded_checkpoints", False)
 
     def model_state_for_save(self, state, copy: bool = False) -> dict | None:
         """Full weights gathered for writing (collective under FSDP); None when the model holds them whole.
@@ -470,6 +500,9 @@ class TorchBackend:
         background=True: every tensor is copied to host memory first, so the returned function may
         run in another thread while training goes on (save_snapshot.py); False: it runs right away.
         """
+        if getattr(self, "sharded_checkpoints", False):  # fsdp_config state_dict_type="SHARDED_STATE_DICT": per-rank shards, now
+            os.makedirs(directory, exist_ok=True)  # (collective, and before the weights change)
+            fsdp.save_sharded_model(self.model, directory, self.dist.is_main)
         group = self._host_groups.checkpoint if self._host_groups else None
         snapshot = save_snapshot.capture(self.model, state, self.dist, save_only_model=save_only_model,
                                          copy=background, group=group, include_weights=False)
@@ -482,16 +515,23 @@ class TorchBackend:
             return [value]
         return coordination.exchange(value, self._host_groups.checkpoint, self.num_processes)
 
+    def _load_weights(self, directory: str, unsafe: bool) -> None:
+        if fsdp.has_sharded_model(directory):  # written with state_dict_type="SHARDED_STATE_DICT"
+            fsdp.load_sharded_model(self.model, directory, distributed=self.dist.world_size > 1)
+        else:
+            state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+
     def restore(self, state: TorchState, directory: str, *, include_model: bool = True) -> TorchState:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
         if include_model:
-            state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+            self._load_weights(directory, unsafe)
         state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
+        self.cache_emptier.resume_from(directory)
         return state
 
     def load_model_weights(self, state, directory: str) -> None:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
-        state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+        self._load_weights(directory, unsafe)
 
     def export_model(self, state, directory: str, state_dict: dict | None = None) -> None:
         """Writes the model's files (main process; `state_dict` from model_state_for_save when sharded)."""
@@ -518,6 +558,8 @@ class TorchBackend:
         return [group["params"] for group in optimizer.param_groups]
 
     def finalize(self, state) -> nn.Module:
+        self._in_train = False
+        self.neftune.detach()
         return self.model
 
     def barrier(self) -> None:
