@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import data
+from .user_loaders import as_loader
 from .trainer_utils import EvalLoopOutput, EvalPrediction, denumpify_detensorize
 
 
@@ -62,6 +63,7 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     losses, preds, labels, inputs = (_HostAccumulator(backend.to_host) for _ in range(4))
     handler = trainer.callback_handler
     handler.eval_dataloader = loader
+    loader = as_loader(loader, "eval" if description == "Evaluation" else "test")  # an override's own loader too
     metrics = None
     observed = 0
     main_input = getattr(trainer.model, "main_input_name", "input_ids")

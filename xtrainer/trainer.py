@@ -23,7 +23,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
-from . import data, preemption
+from . import data, data_state, preemption
 from .backends import get_backend, resolve_backend_name
 from .callbacks import (
     CallbackHandler,
@@ -35,11 +35,13 @@ from .callbacks import (
     TrainerState,
     restore_callback_states,
 )
+from .data_workers import options_from_args
 from .loaders import DatasetLoader
 from .integrations import reporting_callbacks
-from .loop_support import LossTracker, StepEvents, prefetch_one, speed_metrics
+from .loop_support import LossTracker, StepEvents, prefetch_to_device, speed_metrics
 from .nan_policy import NanMonitor
 from .throughput import ThroughputMeter
+from .user_loaders import as_loader
 from .trainer_utils import (
     EvalLoopOutput,
     EvalPrediction,
@@ -163,7 +165,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _loader(self, dataset: Any, batch_size: int, training: bool) -> DatasetLoader:
+    def _loader(self, dataset: Any, batch_size: int, training: bool, split: str = "train") -> DatasetLoader:
         args = self.args
         per_process = batch_size * self.backend.local_batch_devices
         # Evaluation runs the whole dataset on every process, so no gather is needed afterwards.
@@ -178,7 +180,10 @@ class Trainer:
         order_fn = None
         if training and data.has_length(dataset):
             order_fn = self._train_order_fn(dataset)
-        loader = DatasetLoader(dataset, plan, self.data_collator, order_fn=order_fn, keep_columns=keep)
+        workers = options_from_args(args, getattr(self.backend, "pins_host_memory", False))
+        seed = args.data_seed if training and args.data_seed is not None else args.seed
+        loader = DatasetLoader(dataset, plan, self.data_collator, order_fn=order_fn, keep_columns=keep,
+                               workers=workers, seed=seed, split=split)
         if loader.has_length() and len(loader) == 0:
             raise ValueError(
                 f"The dataset has {loader.num_examples} examples, fewer than one batch of {plan.global_batch_size} "
@@ -197,6 +202,16 @@ class Trainer:
         n = len(dataset)
         return lambda epoch: data.epoch_order(n, strategy, seed, epoch, lengths, group * args.gradient_accumulation_steps)
 
+    def _data_run_info(self, loader) -> dict:
+        """What a saved data position means; a resume warns when any of it changed."""
+        args = self.args
+        return {
+            "examples": getattr(loader, "num_examples", None),
+            "global_batch_size": args.per_device_train_batch_size * self.backend.local_batch_devices * self.backend.num_processes,
+            "sampling": _value(args.train_sampling_strategy),
+            "data_seed": args.data_seed if args.data_seed is not None else args.seed,
+        }
+
     def get_train_dataloader(self) -> DatasetLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset.")
@@ -210,7 +225,13 @@ class Trainer:
             if not isinstance(self.eval_dataset, dict) or dataset not in self.eval_dataset:
                 raise KeyError(f"No eval dataset named {dataset!r}: the Trainer's eval_dataset must be a dict holding it.")
             dataset = self.eval_dataset[dataset]
-        return self._loader(dataset, self.args.per_device_eval_batch_size, training=False)
+        return self._loader(dataset, self.args.per_device_eval_batch_size, training=False, split="eval")
+
+    def get_test_dataloader(self, test_dataset) -> DatasetLoader:
+        """The loader predict() runs on; override it to return any iterable of batches (a torch DataLoader too)."""
+        if test_dataset is None:
+            raise ValueError("Trainer.predict() needs a test_dataset.")
+        return self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False, split="test")
 
     # ------------------------------------------------------------------ training
 
@@ -237,6 +258,7 @@ class Trainer:
                 return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
         finally:
             self.is_in_train, self._preemption = False, None
+            getattr(getattr(self, "_train_loader", None), "close", lambda: None)()  # persistent workers
 
     def _plan_steps(self, loader: DatasetLoader):
         """HF's step arithmetic: (epochs, update steps per epoch, micro-batches per epoch, max_steps)."""
@@ -258,7 +280,8 @@ class Trainer:
 
     def _train_loop(self, resume_dir, trial, ignore_keys_for_eval) -> TrainOutput:
         args, backend = self.args, self.backend
-        loader = self.get_train_dataloader()
+        loader = self._train_loader = as_loader(self.get_train_dataloader(), "train")
+        self._data_position = None
         num_epochs, updates_per_epoch, batches_per_epoch, max_steps = self._plan_steps(loader)
         exportable = self.callback_handler.callbacks + [self.control]
         self.state = TrainerState(stateful_callbacks=[cb for cb in exportable if hasattr(cb, "state")])
@@ -276,6 +299,8 @@ class Trainer:
             epochs_done = self.state.global_step // updates_per_epoch
             if not args.ignore_data_skip:
                 skip_batches = (self.state.global_step % updates_per_epoch) * args.gradient_accumulation_steps
+                epochs_done, skip_batches = data_state.resume_position(  # the saved position, when there is one
+                    resume_dir, loader, backend.process_index, self._data_run_info(loader), (epochs_done, skip_batches))
         self.state.init_training_references(self, max_steps, num_epochs, trial)
         self._sync_handler_refs(loader)
         counts_items, shifts = backend.counts_label_items()
@@ -306,7 +331,7 @@ class Trainer:
     def _sync_handler_refs(self, loader) -> None:
         handler = self.callback_handler
         handler.model = self.model
-        handler.train_dataloader = loader
+        handler.train_dataloader = getattr(loader, "loader", loader)  # a user's own loader is shown as itself
         bstate = self._backend_state
         handler.optimizer = getattr(bstate, "optimizer", None)
         handler.lr_scheduler = getattr(bstate, "scheduler", None)
@@ -336,12 +361,13 @@ class Trainer:
         step = start_batch - 1  # index of the last micro-batch consumed in this epoch
         metrics = None
         events = StepEvents(self)
-        for window, num_items, device_window in prefetch_one(windows, backend.shard_window):
+        for window, num_items, device_window in prefetch_to_device(windows, backend.shard_window):
             self._track_tokens(window)
             self._throughput.add(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self._backend_state, metrics = backend.train_step(self._backend_state, device_window, num_items, events)
             step += len(window)
+            self._data_position = (epoch, step + 1)  # micro-batches of this epoch trained on (data_state.py)
             self._losses.add(metrics.loss, self.state.global_step - self._last_logged)
             self._nan.observe(metrics)
             self.state.global_step += 1
@@ -463,6 +489,8 @@ class Trainer:
         main = self.is_world_process_zero()
         with ckpt.atomic_checkpoint(run_dir, step, is_main=main, barrier=backend.barrier) as tmp:
             backend.save(self._backend_state, tmp, save_only_model=args.save_only_model)
+            data_state.save(tmp, self._train_loader, self._data_position, backend.process_index,
+                            self._data_run_info(self._train_loader))
             if self.state.best_global_step:
                 best = os.path.join(run_dir, ckpt.checkpoint_dir_name(self.state.best_global_step))
                 if self.state.best_global_step == step or os.path.isdir(best):
@@ -527,7 +555,7 @@ class Trainer:
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Runs prediction; returns PredictionOutput(predictions, label_ids, metrics)."""
-        loader = self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False)
+        loader = self.get_test_dataloader(test_dataset)
         start = time.time()
         output = self.evaluation_loop(loader, "Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         total_batch = self.args.per_device_eval_batch_size * self.backend.local_batch_devices
