@@ -1,0 +1,199 @@
+"""The loader with worker processes: same batches for any worker count, exact positions, clear failures."""
+
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+
+from xtrainer import data
+from xtrainer.data_workers import WorkerOptions
+from xtrainer.loaders import DatasetLoader
+
+torch = pytest.importorskip("torch")
+
+N = 37
+
+
+class Rows:
+    """A map-style dataset of variable-length rows (no __getitems__: one lookup per index)."""
+
+    def __init__(self, n=N, fail_at=None, kill_at=None):
+        self.n, self.fail_at, self.kill_at = n, fail_at, kill_at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise KeyError(f"row {i} is broken")
+        if i == self.kill_at and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+        return {"input_ids": list(range(i, i + 3 + i % 4)), "labels": i}
+
+
+def random_collator(examples):
+    """Pads, then masks at random with all three global generators, as augmentation and MLM collators do."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = np.array([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in examples])
+    noise = np.random.random(ids.shape) + torch.rand(ids.shape).numpy() + random.random()
+    return {"input_ids": ids, "noise": noise.astype(np.float32), "labels": np.array([e["labels"] for e in examples])}
+
+
+def order_fn(epoch):
+    return data.epoch_order(N, "random", seed=3, epoch=epoch)
+
+
+def make_loader(dataset=None, workers=0, batch_size=4, collate=random_collator, **options):
+    dataset = Rows() if dataset is None else dataset
+    order = order_fn if data.has_length(dataset) else None
+    return DatasetLoader(dataset, data.BatchPlan(batch_size), collate, order_fn=order,
+                         workers=WorkerOptions(num_workers=workers, **options), seed=11)
+
+
+def take(loader, epoch=0, start=0):
+    return [{k: v.copy() for k, v in b.items()} for b in loader.epoch(epoch, start)]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.mark.timeout(120)
+def test_batches_are_identical_for_0_1_2_4_workers_with_a_random_collator():
+    reference = [take(make_loader(), epoch) for epoch in (0, 1)]
+    assert reference[0][0]["noise"].std() > 0
+    assert not np.array_equal(reference[0][0]["noise"][:1], reference[0][1]["noise"][:1])  # a seed per batch
+    assert [b["labels"].tolist() for b in reference[0]] != [b["labels"].tolist() for b in reference[1]]
+    for workers in (1, 2, 4):
+        loader = make_loader(workers=workers, persistent_workers=workers == 2)
+        for epoch in (0, 1):
+            assert_same(take(loader, epoch), reference[epoch])
+        loader.close()
+
+
+def test_making_batches_in_process_leaves_the_training_rng_alone():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    expected = (torch.rand(3), np.random.random(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    take(make_loader())
+    got = (torch.rand(3), np.random.random(3), random.random())
+    torch.testing.assert_close(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+def test_group_by_length_and_streams_are_identical_with_workers():
+    lengths = [3 + i % 4 for i in range(N)]
+    grouped = lambda epoch: data.epoch_order(N, "group_by_length", seed=1, epoch=epoch, lengths=lengths, group_size=4)  # noqa: E731
+    plans = [DatasetLoader(Rows(), data.BatchPlan(4), random_collator, order_fn=grouped,
+                           workers=WorkerOptions(num_workers=w), seed=2) for w in (0, 2)]
+    assert_same(take(plans[0]), take(plans[1]))
+
+    def stream():
+        return (Rows()[i] for i in range(N))
+
+    assert_same(take(make_loader(stream())), take(make_loader(stream(), workers=2)))
+    assert [b["labels"].tolist() for b in take(make_loader(stream()))][0] == [0, 1, 2, 3]  # the stream's own order
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_saved_position_resumes_with_the_batches_an_uninterrupted_pass_gives(workers):
+    full = take(make_loader(), epoch=1)
+    loader = make_loader(workers=workers)
+    batches = loader.epoch(1)
+    seen = [next(batches) for _ in range(6)]  # handed out; only 4 of them trained on (device prefetch)
+    state = loader.state_dict(1, 4)
+    assert state["epoch"] == 1 and state["next_batch"] == 4 and not state["epoch_complete"]
+    del batches, seen
+    loader.close()
+    resumed = make_loader(workers=workers)
+    epoch, start = resumed.load_state_dict(state)
+    assert (epoch, start) == (1, 4)
+    assert_same(take(resumed, epoch, start), full[4:])
+    # The end of an epoch resumes at the start of the next one.
+    assert make_loader().load_state_dict({"epoch": 1, "batches_done": len(full), "next_batch": len(full)}) == (2, 0)
+
+
+def test_a_stream_with_state_resumes_from_its_state_without_reading_what_came_before():
+    datasets = pytest.importorskip("datasets")
+    rows = [Rows()[i] for i in range(N)]
+    table = datasets.Dataset.from_list([{"input_ids": r["input_ids"] + [0] * (6 - len(r["input_ids"])), "labels": r["labels"]} for r in rows])
+
+    def stream():
+        return table.to_iterable_dataset(num_shards=3)
+
+    full = take(make_loader(stream(), collate=data.default_data_collator))
+    loader = make_loader(stream(), collate=data.default_data_collator)
+    batches = loader.epoch(0)
+    for _ in range(5):
+        next(batches)
+    state = loader.state_dict(0, 3)
+    assert state["stream_state"]["examples_iterable"]  # the stream's own position, not a count to replay
+    resumed = make_loader(stream(), collate=data.default_data_collator)
+    assert_same(take(resumed, *resumed.load_state_dict(state)), full[3:])
+
+
+@pytest.mark.timeout(120)
+def test_out_of_order_batches_resume_without_repeating_or_losing_any():
+    loader = make_loader(workers=2, in_order=False)
+    batches = loader.epoch(0)
+    first = [next(batches)["labels"].tolist() for _ in range(5)]
+    state = loader.state_dict(0, 5)
+    del batches
+    loader.close()
+    resumed = make_loader(workers=2, in_order=False)
+    rest = [b["labels"].tolist() for b in resumed.epoch(*resumed.load_state_dict(state))]
+    everything = sorted(sum(first + rest, []))
+    assert everything == sorted(sum((b["labels"].tolist() for b in take(make_loader())), []))
+    resumed.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_in_the_dataset_names_the_example_and_keeps_its_traceback(workers):
+    loader = make_loader(Rows(fail_at=13), workers=workers)
+    with pytest.raises(KeyError) as info:
+        take(loader)
+    text = "".join(__import__("traceback").format_exception(info.value))
+    assert "example index 13 fails on its own" in text
+    assert "row 13 is broken" in text and "__getitem__" in text  # the worker's original traceback
+    loader.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_by_the_os_gives_a_clear_error():
+    loader = make_loader(Rows(kill_at=9), workers=2)
+    with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly") as info:
+        take(loader)
+    assert "out-of-memory killer" in "".join(__import__("traceback").format_exception(info.value))
+    loader.close()
+
+
+def test_a_collator_with_inconsistent_shapes_names_the_batch_and_the_key():
+    def bad(examples):
+        batch = random_collator(examples)
+        if examples[0]["labels"] == order_fn(0)[8]:  # the first example of batch 2
+            batch["labels"] = batch["labels"][:-1]
+        return batch
+
+    with pytest.raises(ValueError, match="'labels' has 3 rows but 'input_ids' has 4") as info:
+        take(make_loader(collate=bad))
+    assert "In batch 2 of epoch 0" in "".join(__import__("traceback").format_exception(info.value))
+
+
+def test_loader_exposes_what_transformers_scripts_read():
+    loader = make_loader(workers=0, batch_size=5)
+    assert len(loader) == 8 and loader.batch_size == 5 and loader.num_workers == 0 and not loader.drop_last
+    assert isinstance(loader.dataset, Rows) and loader.collate_fn is random_collator
+    assert len(loader.sampler) == N and list(loader.sampler) == order_fn(0).tolist()
