@@ -20,13 +20,34 @@ import xtrainer  # noqa: E402
 from jax_models import RegressionMLP, regression_rows  # noqa: E402
 
 
+class LoggedRows:
+    """regression_rows that append each index they are asked for to <log_dir>/fetched-<process>-<pid>.txt."""
+
+    def __init__(self, rows, log_dir):
+        self.rows, self.log_dir = rows, log_dir
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        name = f"fetched-{os.environ.get('JAX_PROCESS_ID', '0')}-{os.getpid()}.txt"
+        with open(os.path.join(self.log_dir, name), "a") as f:
+            f.write(f"{int(i)}\n")
+        return self.rows[i]
+
+
 def main():
     output_dir, per_device, resume = sys.argv[1], int(sys.argv[3]), sys.argv[4] == "1"
+    # Optional (test_multihost's data test): worker processes, random order, and a log of the fetched indices.
+    workers, fetch_log = int(os.environ.get("MH_WORKERS", "0")), os.environ.get("MH_FETCH_LOG")
     args = xtrainer.TrainingArguments(
         output_dir, backend="jax", per_device_train_batch_size=per_device, max_steps=6, save_steps=3, logging_steps=1,
-        learning_rate=0.02, report_to="none", disable_tqdm=True, train_sampling_strategy="sequential",
+        learning_rate=0.02, report_to="none", disable_tqdm=True,
+        train_sampling_strategy="random" if fetch_log else "sequential", dataloader_num_workers=workers,
     )
-    trainer = xtrainer.Trainer(model=RegressionMLP(nnx.Rngs(0)), args=args, train_dataset=regression_rows(64))
+    rows = regression_rows(64)
+    trainer = xtrainer.Trainer(model=RegressionMLP(nnx.Rngs(0)), args=args,
+                               train_dataset=LoggedRows(rows, fetch_log) if fetch_log else rows)
     trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-3") if resume else None)
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     params = [np.asarray(x).tolist() for x in jax.tree.leaves(jax.device_get(nnx.state(trainer.model, nnx.Param)))
