@@ -24,6 +24,7 @@ import logging
 import random
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,7 +274,11 @@ class WorkerPool:
         if self._loader is None:
             self._loader = self._build()
         self._source.tasks = tasks
-        iterator = iter(self._loader)  # persistent workers: the same processes, a new pass
+        with warnings.catch_warnings():
+            # JAX warns at every fork that a forked child must not use JAX; the workers only run the
+            # dataset and the collator (README, "Feeding the devices": use "spawn" if those use JAX).
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            iterator = iter(self._loader)  # persistent workers: the same processes, a new pass
         self._iterator = iterator
         try:
             while True:
