@@ -123,8 +123,10 @@ class OwnLoaders(xtrainer.Trainer):
         return torch.utils.data.DataLoader(_TorchRows(7), batch_size=3)
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", "jax", "torch_xla"])
 def test_overridden_get_dataloaders_returning_torch_dataloaders(tmp_path, backend):
+    if backend == "torch_xla":
+        pytest.importorskip("torch_xla")
     if backend == "jax":
         nnx = pytest.importorskip("flax.nnx")
         from jax_models import RegressionMLP
