@@ -20,6 +20,7 @@ RNG (dropout). A collator with its own generator (transformers' `seed=`) keeps i
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
@@ -94,8 +95,16 @@ class WorkerOptions:
         return self.num_workers * (self.prefetch_factor or 2)
 
 
-def options_from_args(args: Any, pins_host_memory: bool) -> WorkerOptions:
-    """WorkerOptions from TrainingArguments; `pins_host_memory`: whether the backend copies from pinned memory."""
+def options_from_args(args: Any, pins_host_memory: bool, backend_name: str = "") -> WorkerOptions:
+    """WorkerOptions from TrainingArguments; `pins_host_memory`: whether the backend copies from pinned memory.
+
+    `dataloader_pin_memory` (default True, as in transformers) acts only where pinning makes copies
+    asynchronous, the torch backend on CUDA; elsewhere this says so once per process (at info level,
+    since the value is the default): JAX and torch_xla stage host-to-device copies themselves.
+    """
+    if args.dataloader_pin_memory and not pins_host_memory and args.dataloader_num_workers > 0:
+        _say_once(f"dataloader_pin_memory has no effect on backend {backend_name or '?'} (pinned host memory only "
+                  "speeds up copies to a CUDA device on the torch backend; JAX and torch_xla stage their copies).")
     return WorkerOptions(
         num_workers=int(args.dataloader_num_workers or 0),
         prefetch_factor=args.dataloader_prefetch_factor,
@@ -104,6 +113,11 @@ def options_from_args(args: Any, pins_host_memory: bool) -> WorkerOptions:
         in_order=bool(getattr(args, "dataloader_in_order", True)),
         multiprocessing_context=getattr(args, "dataloader_multiprocessing_context", None),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    logger.info(message)
 
 
 # ---------------------------------------------------------------------------------------------

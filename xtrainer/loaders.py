@@ -12,6 +12,12 @@ reading the batches before it when the dataset allows (data_state.py writes it i
 Streams (IterableDatasets, generators) are read in the training process, in their own order, and
 cut into batches there; the workers run the collator on them. So a stream gives the same batches
 with any number of workers; what the workers take off the training thread is the collation.
+
+Several processes: a map-style dataset is read only where needed (each process fetches its slice
+of every global batch). A stream that is split into shards (a datasets IterableDataset whose
+`n_shards` is a multiple of the process count) is split by shard: each process reads only its own
+shards and makes its batches from them. Any other stream is read whole by every process, which
+keeps its slice of each global batch (a warning says so once).
 """
 
 from __future__ import annotations
@@ -129,6 +135,17 @@ class DatasetLoader:
         self.is_stream = not data.has_length(dataset)
         if keep_columns is not None:
             dataset, collate = _drop_unused_columns(dataset, collate, keep_columns)
+        self.reads_own_shards = self.is_stream and _splits_by_shard(dataset, plan)
+        if self.reads_own_shards:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=plan.process_index, world_size=plan.num_processes)
+        elif self.is_stream and plan.num_processes > 1:
+            logger.warning(
+                "Each of the %d processes reads the whole training stream and keeps its slice of every global batch. "
+                "Give the stream a number of shards that is a multiple of the process count (e.g. "
+                "Dataset.to_iterable_dataset(num_shards=...)) to have each process read only its own shards.",
+                plan.num_processes)
         self.dataset = dataset
         self.collate = collate
         self.order_fn = order_fn
@@ -242,11 +259,13 @@ class DatasetLoader:
                         "state_dict/load_state_dict to resume from).", start)
         number = start - skip
         buffer: list = []
-        lo = plan.process_index * plan.batch_size
+        # Own shards: this process's batches are consecutive examples of its own stream.
+        group = plan.batch_size if self.reads_own_shards else plan.global_batch_size
+        lo = 0 if self.reads_own_shards else plan.process_index * plan.batch_size
         current = self._pass
         for example in stream:
             buffer.append(example)
-            if len(buffer) < plan.global_batch_size:
+            if len(buffer) < group:
                 continue
             if number >= start:
                 if stateful:
@@ -285,6 +304,12 @@ class DatasetLoader:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def _splits_by_shard(dataset: Any, plan: data.BatchPlan) -> bool:
+    shards = getattr(dataset, "n_shards", None) or getattr(dataset, "num_shards", None)
+    return plan.num_processes > 1 and isinstance(shards, int) and shards > 0 and shards % plan.num_processes == 0 and \
+        type(dataset).__module__.startswith("datasets")
 
 
 def _drop_unused_columns(dataset: Any, collate: Callable, keep: list[str]):

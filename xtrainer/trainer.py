@@ -167,6 +167,10 @@ class Trainer:
 
     def _loader(self, dataset: Any, batch_size: int, training: bool, split: str = "train") -> DatasetLoader:
         args = self.args
+        workers = options_from_args(args, getattr(self.backend, "pins_host_memory", False), self.backend.name)
+        cache = self.__dict__.setdefault("_persistent_loaders", {})
+        if not training and workers.persistent_workers and (id(dataset), split) in cache:
+            return cache[(id(dataset), split)]  # evaluation keeps its workers between calls, as in transformers
         per_process = batch_size * self.backend.local_batch_devices
         # Evaluation runs the whole dataset on every process, so no gather is needed afterwards.
         processes = self.backend.num_processes if training else 1
@@ -180,7 +184,6 @@ class Trainer:
         order_fn = None
         if training and data.has_length(dataset):
             order_fn = self._train_order_fn(dataset)
-        workers = options_from_args(args, getattr(self.backend, "pins_host_memory", False))
         seed = args.data_seed if training and args.data_seed is not None else args.seed
         loader = DatasetLoader(dataset, plan, self.data_collator, order_fn=order_fn, keep_columns=keep,
                                workers=workers, seed=seed, split=split)
@@ -189,6 +192,8 @@ class Trainer:
                 f"The dataset has {loader.num_examples} examples, fewer than one batch of {plan.global_batch_size} "
                 "with dataloader_drop_last=True: lower the batch size or set dataloader_drop_last=False."
             )
+        if not training and workers.persistent_workers:
+            cache[(id(dataset), split)] = loader
         return loader
 
     def _train_order_fn(self, dataset) -> Callable[[int], np.ndarray]:

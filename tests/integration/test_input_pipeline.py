@@ -311,3 +311,32 @@ def _saved_step(out) -> int:
     names = [n for n in os.listdir(out) if n.startswith("checkpoint-")]
     assert len(names) == 1, names
     return int(names[0].split("-")[1])
+
+
+class _PidRows:
+    """Rows that record which process fetched them."""
+
+    def __init__(self, directory, n=12):
+        self.directory, self.rows = directory, regression_data(n)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        open(os.path.join(self.directory, str(os.getpid())), "w").close()
+        return self.rows[i]
+
+
+@pytest.mark.timeout(120)
+def test_persistent_workers_serve_every_evaluation(tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    data = _PidRows(str(pids))
+    args = _args(tmp_path, dataloader_num_workers=2, dataloader_persistent_workers=True, per_device_eval_batch_size=3)
+    trainer = xtrainer.Trainer(model=RegressionModel(), args=args, eval_dataset=data)
+    first = trainer.evaluate()
+    second = trainer.evaluate()
+    assert first["eval_loss"] == second["eval_loss"]
+    assert trainer.get_eval_dataloader() is trainer.get_eval_dataloader()
+    assert len(os.listdir(pids)) == 2 and str(os.getpid()) not in os.listdir(pids)  # the same 2 workers, twice
+    trainer.get_eval_dataloader().close()

@@ -197,3 +197,31 @@ def test_loader_exposes_what_transformers_scripts_read():
     assert len(loader) == 8 and loader.batch_size == 5 and loader.num_workers == 0 and not loader.drop_last
     assert isinstance(loader.dataset, Rows) and loader.collate_fn is random_collator
     assert len(loader.sampler) == N and list(loader.sampler) == order_fn(0).tolist()
+
+
+@pytest.mark.slow  # spawned interpreters import torch and numpy afresh: ~5-20 s here
+@pytest.mark.timeout(120)
+def test_spawned_workers_give_the_same_batches():
+    """dataloader_multiprocessing_context='spawn': fresh interpreters unpickle the dataset and the collator."""
+    loader = make_loader(workers=1, multiprocessing_context="spawn")
+    assert_same(take(loader), take(make_loader()))
+
+
+def test_each_process_reads_only_its_own_shards_of_a_sharded_stream():
+    datasets = pytest.importorskip("datasets")
+    table = datasets.Dataset.from_dict({"input_ids": [[i, i] for i in range(40)], "labels": list(range(40))})
+    stream = table.to_iterable_dataset(num_shards=4)
+    seen = []
+    for process in (0, 1):
+        loader = DatasetLoader(stream, data.BatchPlan(3, num_processes=2, process_index=process), data.default_data_collator)
+        assert loader.reads_own_shards
+        labels = [b["labels"].tolist() for b in loader.epoch(0)]
+        assert all(len(b) == 3 for b in labels)  # a partial last batch is dropped on several processes
+        seen.append(sum(labels, []))
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1]) == 18
+    # Its shards are all this process reads: shards 0 and 2 (examples 0-9, 20-29) on process 0.
+    assert set(seen[0]) <= set(range(0, 10)) | set(range(20, 30))
+    # A stream that cannot be split is read whole by each process, which keeps its slice.
+    single = DatasetLoader(table.to_iterable_dataset(num_shards=3), data.BatchPlan(3, 2, 1), data.default_data_collator)
+    assert not single.reads_own_shards
+    assert [b["labels"].tolist() for b in single.epoch(0)][0] == [3, 4, 5]
