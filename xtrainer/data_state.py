@@ -44,7 +44,12 @@ def save(checkpoint_dir: str, loader: Any, position: tuple[int, int] | None, pro
     if position is None or not hasattr(loader, "state_dict"):
         return
     epoch, batches_done = position
-    state = loader.state_dict(epoch, batches_done)
+    try:
+        state = loader.state_dict(epoch, batches_done)
+    except ValueError as exc:  # the position is no longer known (it never is in normal training): save the rest
+        logger.warning("The train loader's position is not saved in this checkpoint (%s); a resume from it derives "
+                       "the position from the global step.", exc)
+        return
     record = {"version": FORMAT_VERSION, "process_index": process_index, "run": run_info, "loader": _encode(state)}
     path = os.path.join(checkpoint_dir, file_name(process_index))
     os.makedirs(os.path.dirname(path), exist_ok=True)
