@@ -7,9 +7,9 @@ A. Loader throughput (tokens/s) with 0, 1 and 2 workers: xtrainer's loader (what
      mlm  - a datasets.Dataset of 512-token rows, transformers' DataCollatorForLanguageModeling;
      text - raw text, tokenized on the fly by the collator (a fast tokenizer built in code), then MLM.
    With --alternatives (default: when installed) Grain (MapDataset + mp_prefetch) and torchdata's
-   StatefulDataLoader run the same batches. Each contender takes a fresh iterator; the figure is
-   tokens/s after its first batch (time to first batch is reported apart), the best of --repeats
-   rounds whose contender order alternates. Ratio: xtrainer / torch at equal workers.
+   StatefulDataLoader run the same batches. Each window takes a fresh iterator and times the batches
+   after its first (time to first batch is reported apart); the contenders' windows are adjacent,
+   their order alternating, and the ratio to torch is taken per repeat (paired), then the median.
 
 B. Training behind a collator that costs ~1.5x the step: the tiny Llama on `jax` and HF GPT-2 on
    `torch`. Per model: the step time fed pre-collated batches, then with the slow collator and 0
@@ -159,7 +159,7 @@ def measure_loader(make, dataset, collate, workers, batches):
     return first, tps
 
 
-def part_a(repeats, batches, alternatives):
+def part_a(repeats, batches, alternatives, alt_repeats):
     datasets_ = datasets_for_a()
     tokenizer = make_tokenizer()
     from transformers import DataCollatorForLanguageModeling
@@ -177,25 +177,31 @@ def part_a(repeats, batches, alternatives):
             from absl import flags
 
             flags.FLAGS.mark_as_parsed()
+    for name, make in contenders.items():  # imports and first-call costs, untimed
+        measure_loader(make, datasets_["mlm"], collators["mlm"], 0, 2)
     results: dict = {}
-    for rep in range(repeats):
-        names = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
-        for task in ("mlm", "text"):
-            for workers in (0, 1, 2):
-                for name in names:
+    # Adjacent windows of the contenders, order alternating, so each repeat's ratio compares runs made
+    # under the same load (the machine is shared); the alternatives only in the first alt_repeats.
+    for task in ("mlm", "text"):
+        for workers in (0, 1, 2):
+            for rep in range(repeats):
+                names = [n for n in contenders if rep < alt_repeats or n in ("xtrainer", "torch DataLoader")]
+                for name in (names if rep % 2 == 0 else names[::-1]):
                     first, tps = measure_loader(contenders[name], datasets_[task], collators[task], workers, batches)
-                    results.setdefault((task, workers, name), []).append((first, tps))
-                    print(f"A rep {rep} {task} w{workers} {name}: {tps / 1e6:.2f} M tokens/s, first batch {first:.2f} s", flush=True)
+                    results.setdefault((task, workers, name), []).append((rep, first, tps))
+                    print(f"A {task} w{workers} rep {rep} {name}: {tps / 1e6:.2f} M tokens/s, first batch {first:.2f} s", flush=True)
     table = []
     for task in ("mlm", "text"):
         for workers in (0, 1, 2):
-            base = max(t for _, t in results[(task, workers, "torch DataLoader")])
+            torch_by_rep = {rep: t for rep, _, t in results[(task, workers, "torch DataLoader")]}
             for name in contenders:
                 runs = results[(task, workers, name)]
-                best = max(t for _, t in runs)
-                table.append({"data": task, "workers": workers, "loader": name, "Mtokens_per_s": round(best / 1e6, 3),
-                              "ratio_to_torch": round(best / base, 3),
-                              "first_batch_s": round(statistics.median(f for f, _ in runs), 3)})
+                ratios = [t / torch_by_rep[rep] for rep, _, t in runs]
+                table.append({"data": task, "workers": workers, "loader": name, "repeats": len(runs),
+                              "Mtokens_per_s_median": round(statistics.median(t for _, _, t in runs) / 1e6, 3),
+                              "paired_ratio_to_torch_median": round(statistics.median(ratios), 3),
+                              "paired_ratio_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
+                              "first_batch_s_median": round(statistics.median(f for _, f, _ in runs), 3)})
     return table
 
 
@@ -342,8 +348,9 @@ def part_c():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="A,B,C")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=40, help="batches per contender in part A")
+    parser.add_argument("--repeats", type=int, default=6, help="part A windows per contender")
+    parser.add_argument("--alt-repeats", type=int, default=2, help="part A windows of Grain / StatefulDataLoader")
+    parser.add_argument("--batches", type=int, default=16, help="batches per window in part A")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run in part B")
     parser.add_argument("--modes", default="cpu,wait", help="part B collator costs: cpu, wait")
     parser.add_argument("--alternatives", choices=["auto", "no"], default="auto")
@@ -352,7 +359,7 @@ def main():
     parts = opts.parts.split(",")
     results = {"command": " ".join(sys.argv), "load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     if "A" in parts:
-        results["A"] = part_a(opts.repeats, opts.batches, opts.alternatives == "auto")
+        results["A"] = part_a(opts.repeats, opts.batches, opts.alternatives == "auto", opts.alt_repeats)
     if "B" in parts:
         results["B"] = part_b(opts.steps, opts.modes.split(","))
     if "C" in parts:

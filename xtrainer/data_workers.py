@@ -303,6 +303,14 @@ class WorkerPool:
                 except RuntimeError as exc:
                     _explain_worker_death(exc)
                     raise
+                except (ConnectionError, EOFError) as exc:
+                    # A worker died while the batch it had sent was being received (its shared memory is
+                    # handed over by the worker itself): the same failure as above, seen earlier.
+                    dead = [w.pid for w in getattr(iterator, "_workers", []) if not w.is_alive()]
+                    error = RuntimeError(f"DataLoader worker (pid(s) {dead}) exited unexpectedly while handing over "
+                                         f"a batch ({type(exc).__name__}: {exc}).")
+                    _explain_worker_death(error)
+                    raise error from exc
                 yield int(number), {k: data.to_numpy(v) for k, v in batch.items()}
         finally:
             if not self.options.persistent_workers:
