@@ -62,9 +62,19 @@ def read(checkpoint_dir: str, process_index: int) -> dict | None:
     """The record this process saved, or None when the checkpoint has no data state (older or transformers')."""
     path = os.path.join(checkpoint_dir, file_name(process_index))
     if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        record = json.load(f)
+        # Only process 0 wrote one: its position is every process's when it holds no per-process state
+        # (a map-style dataset's epoch and batch are the same everywhere; a stream's own state is not).
+        first = os.path.join(checkpoint_dir, file_name(0))
+        if process_index == 0 or not os.path.isfile(first):
+            return None
+        with open(first) as f:
+            record = json.load(f)
+        if "stream_state" in record["loader"] or "loader_state" in record["loader"]:
+            return None
+        path = first
+    else:
+        with open(path) as f:
+            record = json.load(f)
     if record.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has data-state format {record.get('version')}, this build reads {FORMAT_VERSION}.")
     record["loader"] = _decode(record["loader"])

@@ -169,8 +169,9 @@ class Trainer:
         args = self.args
         workers = options_from_args(args, getattr(self.backend, "pins_host_memory", False), self.backend.name)
         cache = self.__dict__.setdefault("_persistent_loaders", {})
-        if not training and workers.persistent_workers and (id(dataset), split) in cache:
-            return cache[(id(dataset), split)]  # evaluation keeps its workers between calls, as in transformers
+        cached = cache.get((id(dataset), split)) if not training and workers.persistent_workers else None
+        if cached is not None and cached[0] is dataset:
+            return cached[1]  # evaluation keeps its workers between calls, as in transformers
         per_process = batch_size * self.backend.local_batch_devices
         # Evaluation runs the whole dataset on every process, so no gather is needed afterwards.
         processes = self.backend.num_processes if training else 1
@@ -193,7 +194,7 @@ class Trainer:
                 "with dataloader_drop_last=True: lower the batch size or set dataloader_drop_last=False."
             )
         if not training and workers.persistent_workers:
-            cache[(id(dataset), split)] = loader
+            cache[(id(dataset), split)] = (dataset, loader)
         return loader
 
     def _train_order_fn(self, dataset) -> Callable[[int], np.ndarray]:

@@ -225,3 +225,22 @@ def test_each_process_reads_only_its_own_shards_of_a_sharded_stream():
     single = DatasetLoader(table.to_iterable_dataset(num_shards=3), data.BatchPlan(3, 2, 1), data.default_data_collator)
     assert not single.reads_own_shards
     assert [b["labels"].tolist() for b in single.epoch(0)][0] == [3, 4, 5]
+
+
+def test_data_state_files_round_trip_and_process_0_speaks_for_map_style(tmp_path):
+    from xtrainer import data_state
+
+    loader = make_loader()
+    batches = loader.epoch(2)
+    for _ in range(3):
+        next(batches)
+    data_state.save(str(tmp_path), loader, (2, 3), 0, {"examples": N})
+    record = data_state.read(str(tmp_path), 0)
+    assert record["loader"]["next_batch"] == 3 and record["run"] == {"examples": N}
+    assert data_state.read(str(tmp_path), 1)["loader"] == record["loader"]  # the same position on process 1
+    assert data_state.resume_position(str(tmp_path), make_loader(), 1, {"examples": N}, (0, 0)) == (2, 3)
+    assert data_state.resume_position(str(tmp_path / "none"), make_loader(), 0, {}, (1, 7)) == (1, 7)  # no file
+    tagged = {"b": b"\x00\x01", "t": (1, 2), "a": np.arange(3, dtype=np.int16), "g": torch.tensor([5], dtype=torch.uint8)}
+    back = data_state._decode(__import__("json").loads(__import__("json").dumps(data_state._encode(tagged))))
+    assert back["b"] == b"\x00\x01" and back["t"] == (1, 2) and back["a"].dtype == np.int16
+    assert torch.equal(back["g"], tagged["g"])
