@@ -115,8 +115,10 @@ class DatasetLoader:
         seed: the base of every batch's seed (random collators, augmentation).
         split: "train", "eval" or "test" (batches of different splits get different seeds).
 
-    Attributes read by transformers scripts: `batch_size` (per process), `dataset`, `sampler`
-    (map-style), `collate_fn`, `num_workers`, `drop_last`, and `len()` when the dataset has one.
+    Attributes read by transformers scripts and tests: `batch_size` (per process), `total_batch_size`
+    (over processes), `dataset`, `sampler` (map-style), `collate_fn`, torch DataLoader's worker settings
+    (`num_workers`, `prefetch_factor`, `persistent_workers`, `pin_memory`, `in_order`,
+    `multiprocessing_context`), `drop_last`, and `len()` when the dataset has one.
     """
 
     def __init__(
@@ -179,6 +181,38 @@ class DatasetLoader:
     @property
     def drop_last(self) -> bool:
         return self.plan.drop_last
+
+    @property
+    def total_batch_size(self) -> int:
+        """Examples in one batch over every process (what accelerate's prepared loaders report)."""
+        return self.plan.global_batch_size
+
+    @property
+    def prefetch_factor(self) -> int | None:
+        """Batches each worker prepares ahead (None without workers, torch's default 2 when unset)."""
+        return None if self.workers.num_workers == 0 else (self.workers.prefetch_factor or 2)
+
+    @property
+    def persistent_workers(self) -> bool:
+        return self.workers.persistent_workers
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.workers.pin_memory
+
+    @property
+    def in_order(self) -> bool:
+        return self.workers.in_order
+
+    @property
+    def multiprocessing_context(self):
+        """The workers' multiprocessing context object (None: the platform's default), as torch's DataLoader has it."""
+        name = self.workers.multiprocessing_context
+        if name is None or self.workers.num_workers == 0:
+            return None
+        import multiprocessing
+
+        return multiprocessing.get_context(name) if isinstance(name, str) else name
 
     @property
     def num_examples(self) -> int | None:

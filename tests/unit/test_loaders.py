@@ -3,6 +3,7 @@
 import os
 import random
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -197,6 +198,32 @@ def test_loader_exposes_what_transformers_scripts_read():
     assert len(loader) == 8 and loader.batch_size == 5 and loader.num_workers == 0 and not loader.drop_last
     assert isinstance(loader.dataset, Rows) and loader.collate_fn is random_collator
     assert len(loader.sampler) == N and list(loader.sampler) == order_fn(0).tolist()
+
+
+def test_dataloader_fields_reach_the_worker_processes():
+    """Every dataloader_* field of TrainingArguments reaches the loader and the worker processes behind it."""
+    from xtrainer import TrainingArguments
+    from xtrainer.data_workers import options_from_args
+
+    args = TrainingArguments("unused", dataloader_num_workers=2, dataloader_prefetch_factor=3, dataloader_in_order=False,
+                             dataloader_persistent_workers=True, dataloader_multiprocessing_context="fork",
+                             dataloader_pin_memory=True)
+    assert options_from_args(args, pins_host_memory=False).pin_memory is False  # jax, torch_xla, torch on CPU
+    options = options_from_args(args, pins_host_memory=True)  # torch on CUDA
+    loader = DatasetLoader(Rows(), data.BatchPlan(4), random_collator, workers=options, seed=11)
+    assert (loader.num_workers, loader.prefetch_factor, loader.in_order, loader.persistent_workers) == (2, 3, False, True)
+    assert loader.multiprocessing_context._name == "fork" and loader.pin_memory and loader.total_batch_size == 4
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")  # on a machine without CUDA to pin for
+            assert len(take(loader)) == len(loader)
+        workers = loader._pool._loader  # the torch DataLoader that runs the worker processes
+        assert (workers.num_workers, workers.prefetch_factor, workers.in_order, workers.persistent_workers) == (2, 3, False, True)
+        assert workers.multiprocessing_context._name == "fork" and workers.pin_memory
+    finally:
+        loader.close()
+    plain = DatasetLoader(Rows(), data.BatchPlan(4, 2, 0), random_collator)
+    assert plain.prefetch_factor is None and plain.multiprocessing_context is None and plain.total_batch_size == 8
 
 
 @pytest.mark.slow  # spawned interpreters import torch and numpy afresh: ~5-20 s here
