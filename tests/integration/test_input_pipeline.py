@@ -257,6 +257,7 @@ class Slow:
 
 args = xtrainer.TrainingArguments({out!r}, max_steps=100000, per_device_train_batch_size=4, report_to="none",
                                   disable_tqdm=True, save_strategy="no", dataloader_num_workers=2,
+                                  enable_jit_checkpoint=True,  # SIGTERM: save this step, then exit 143
                                   dataloader_persistent_workers={persistent})
 xtrainer.Trainer(model=RegressionModel(), args=args, train_dataset=Slow()).train()
 """
