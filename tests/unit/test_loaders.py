@@ -219,7 +219,9 @@ def test_dataloader_fields_reach_the_worker_processes():
             assert len(take(loader)) == len(loader)
         workers = loader._pool._loader  # the torch DataLoader that runs the worker processes
         assert (workers.num_workers, workers.prefetch_factor, workers.in_order, workers.persistent_workers) == (2, 3, False, True)
-        assert workers.multiprocessing_context._name == "fork" and workers.pin_memory
+        assert workers.multiprocessing_context._name == "fork"
+        # without CUDA, torch 2.13 keeps pin_memory=True (and warns); torch 2.9 turns it off
+        assert workers.pin_memory == torch.utils.data.DataLoader([0], pin_memory=True).pin_memory
     finally:
         loader.close()
     plain = DatasetLoader(Rows(), data.BatchPlan(4, 2, 0), random_collator)
