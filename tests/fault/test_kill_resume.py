@@ -359,6 +359,8 @@ def test_resuming_from_the_final_checkpoint_runs_no_step(tmp_path):
     assert again.model.a.item() == first.model.a.item() and again.model.b.item() == first.model.b.item()
 
 
+@pytest.mark.slow  # 7 runs with worker processes (~1-2 min here); the default suite resumes with workers in
+# tests/integration/test_input_pipeline.py and kills without them above
 @pytest.mark.timeout(600)
 def test_kill9_with_data_workers_resumes_exactly(tmp_path):
     """The same promises with 2 data-loading worker processes in every killed and resumed run, checked
