@@ -114,7 +114,9 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     all_losses = losses.result(concat=True)
     all_preds, all_labels = preds.result(concat), labels.result(concat)
     all_inputs = inputs.result(concat)
-    num_samples = loader.num_examples if loader.has_length() else observed
+    num_samples = loader.num_examples if loader.has_length() else None
+    if num_samples is None:  # a stream, or a user's loader that knows no dataset: the examples it gave
+        num_samples = observed
     if trainer.compute_metrics is not None and all_preds is not None and all_labels is not None and not args.batch_eval_metrics:
         extra = {
             "losses": all_losses if "loss" in include else None,

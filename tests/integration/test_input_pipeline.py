@@ -173,6 +173,38 @@ def test_overridden_get_dataloaders_returning_torch_dataloaders(tmp_path, backen
     assert prediction.predictions.shape[0] == 7 and prediction.metrics["test_samples_per_second"] > 0
 
 
+class _Chained:
+    """A user's loader with a length and nothing else (no dataset, no batch_size): two loaders in a row."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def __len__(self):
+        return sum(len(loader) for loader in self.loaders)
+
+    def __iter__(self):
+        for loader in self.loaders:
+            yield from loader
+
+
+def test_a_loader_without_dataset_trains_and_evaluates_on_what_it_yields(tmp_path):
+    class Trainer(xtrainer.Trainer):
+        def get_train_dataloader(self):
+            return _Chained([super().get_train_dataloader(), super().get_train_dataloader()])
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            return _Chained([super().get_eval_dataloader(eval_dataset), super().get_eval_dataloader(eval_dataset)])
+
+    rows = regression_data(12)
+    trainer = Trainer(model=RegressionModel(), args=_args(tmp_path, num_train_epochs=1, per_device_eval_batch_size=5),
+                      train_dataset=rows, eval_dataset=rows)
+    trainer.train()
+    assert trainer.state.global_step == 6  # 2 x 3 batches of 4, one epoch
+    metrics = trainer.evaluate()
+    assert np.isfinite(metrics["eval_loss"]) and metrics["eval_steps_per_second"] > 0
+    assert trainer.evaluation_loop(trainer.get_eval_dataloader(), "Evaluation").num_samples == 24  # what it yielded
+
+
 def test_get_test_dataloader_is_what_predict_uses_and_loaders_expose_hf_attributes(tmp_path):
     asked = []
 
