@@ -53,6 +53,8 @@ BACK = "tests/args/test_backend_fields.py::"
 MEM = "tests/args_real/test_skip_memory_metrics.py::"
 HUB = "tests/args_real/test_hub_fields.py::"
 REAL = "tests/args_real/"
+LOADERS = "tests/unit/test_loaders.py::"
+PIPELINE = "tests/integration/test_input_pipeline.py::"
 
 
 def _acts(*tests: str, note: str = "") -> Acts:
@@ -250,13 +252,23 @@ SUPPORT: dict[str, dict[str, Any]] = {
                          torch_xla=_acts(BACK + "test_debug_tpu_metrics_on_torch_xla")),
     # ---- data loading
     "dataloader_drop_last": front("test_run_length_and_batching"),
-    "dataloader_num_workers": everywhere(NoEffect("batches are collated in the training process in this version")),
-    "dataloader_pin_memory": everywhere(NoEffect("batches are placed on the device from unpinned host memory in this version")),
-    "dataloader_persistent_workers": everywhere(NoEffect("batches are collated in the training process in this version")),
-    "dataloader_prefetch_factor": everywhere(NoEffect("batches are collated in the training process in this version; the "
-                                                      "next window is placed on the device while a step runs")),
-    "dataloader_multiprocessing_context": everywhere(NoEffect("batches are collated in the training process in this version")),
-    "dataloader_in_order": everywhere(NoEffect("batches always arrive in order in this version")),
+    # The loader is the front's (loaders.py, data_workers.py): its worker processes serve every backend.
+    "dataloader_num_workers": everywhere(_acts(
+        LOADERS + "test_batches_are_identical_for_0_1_2_4_workers_with_a_random_collator",
+        PIPELINE + "test_the_loss_curve_is_the_same_for_0_and_2_workers_on_torch_and_jax",
+        note="worker processes make the batches; the same batches as with none")),
+    "dataloader_pin_memory": per_backend(
+        torch=_acts(LOADERS + "test_dataloader_fields_reach_the_worker_processes",
+                    note="on CUDA, with dataloader_num_workers > 0"),
+        jax=NoEffect("JAX stages its host-to-device copies itself; nothing to set"),
+        torch_xla=NoEffect("torch_xla stages its host-to-device copies itself; nothing to set")),
+    "dataloader_persistent_workers": everywhere(_acts(PIPELINE + "test_persistent_workers_serve_every_evaluation",
+                                                      LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
+    "dataloader_prefetch_factor": everywhere(_acts(LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
+    "dataloader_multiprocessing_context": everywhere(_acts(LOADERS + "test_spawned_workers_give_the_same_batches",
+                                                           LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
+    "dataloader_in_order": everywhere(_acts(LOADERS + "test_out_of_order_batches_resume_without_repeating_or_losing_any",
+                                            LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
     "remove_unused_columns": front("test_data_order"),
     "label_names": front("test_evaluation_outputs"),
     "train_sampling_strategy": front("test_data_order"),

@@ -158,6 +158,11 @@ class TorchBackend:
     def model_input_names(self) -> list[str] | None:
         return list(inspect.signature(self.model.forward).parameters)
 
+    @property
+    def pins_host_memory(self) -> bool:
+        """Whether batches in page-locked memory are copied asynchronously (dataloader_pin_memory acts)."""
+        return self.device.type == "cuda"
+
     def default_label_names(self) -> list[str]:
         return _label_names(self.model)
 
