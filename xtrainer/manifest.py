@@ -153,6 +153,7 @@ def verify_checkpoint(directory: str, *, quick: bool = False) -> Verdict:
     files = read_manifest(directory)
     if files is None:
         return Verdict.NO_MANIFEST
+    files = _without_rewritten_weights(directory, files)
     for rel, entry in sorted(files.items()):
         path = os.path.join(directory, *rel.split("/"))
         if not os.path.isfile(path):
@@ -179,6 +180,50 @@ def verify_checkpoint(directory: str, *, quick: bool = False) -> Verdict:
                 checkpoint=directory, path=path,
             )
     return Verdict.VERIFIED
+
+
+_WEIGHT_SETS = (("model.safetensors", "model.safetensors.index.json"), ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def _is_weight_file(rel: str) -> bool:
+    return "/" not in rel and rel.startswith(("model", "pytorch_model")) and rel.endswith((".safetensors", ".bin", ".index.json"))
+
+
+def _complete_weight_set(directory: str) -> bool:
+    """The directory holds a whole set of model weights: a single file, or an index whose shards all exist."""
+    for single, index in _WEIGHT_SETS:
+        if os.path.isfile(os.path.join(directory, single)):
+            return True
+        index_path = os.path.join(directory, index)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    shards = set(json.load(f)["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError):
+                return False
+            return bool(shards) and all(os.path.isfile(os.path.join(directory, s)) for s in shards)
+    return False
+
+
+def _without_rewritten_weights(directory: str, files: dict) -> dict:
+    """The manifest's table minus its model-weight files when the user re-saved the weights in another layout.
+
+    Re-sharding a checkpoint's weights (one model.safetensors rewritten as an index and shards, as
+    save_pretrained(max_shard_size=...) does) removes files the manifest lists. When a complete set
+    of weights is there instead, the rest of the checkpoint is still verified and the weights are
+    loaded as they are now, with a warning; safetensors still refuses a truncated file on load. A
+    weight file that is present but differs is corruption and stays an error.
+    """
+    listed = [rel for rel in files if _is_weight_file(rel)]
+    missing = [rel for rel in listed if not os.path.isfile(os.path.join(directory, rel))]
+    if not missing or not _complete_weight_set(directory):
+        return files
+    logger.warning(
+        "The model weights in %s were rewritten after the checkpoint was saved (%s no longer there); the manifest "
+        "cannot vouch for them, so they are loaded as they are. Every other file of the checkpoint is verified.",
+        directory, ", ".join(missing[:3]),
+    )
+    return {rel: entry for rel, entry in files.items() if rel not in listed}
 
 
 __all__ = [

@@ -239,3 +239,37 @@ def test_full_disk_during_jax_save_then_resume_skips_a_corrupt_orbax_file(tmp_pa
         resumed.train(resume_from_checkpoint=True)
     assert steps_run.steps == [3, 4, 5, 6]  # from checkpoint-2
     assert verify_checkpoint(str(out / "checkpoint-6")) is Verdict.VERIFIED
+
+
+def _reshard(checkpoint):
+    """Rewrites model.safetensors as an index and one shard per tensor (what a user's re-save does)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(os.path.join(checkpoint, "model.safetensors"))
+    os.remove(os.path.join(checkpoint, "model.safetensors"))
+    shards = {name: f"model-{i + 1:05d}-of-{len(state):05d}.safetensors" for i, name in enumerate(state)}
+    for name, shard in shards.items():
+        save_file({name: state[name].contiguous()}, os.path.join(checkpoint, shard), metadata={"format": "pt"})
+    with open(os.path.join(checkpoint, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": shards}, f)
+    return shards
+
+
+def test_weights_resharded_after_the_save_resume_and_the_rest_is_still_verified(tmp_path, caplog):
+    full = _torch_trainer(tmp_path / "run", max_steps=6, save_steps=3)
+    full.train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-3")
+    shards = _reshard(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="xtrainer"):
+        assert verify_checkpoint(checkpoint) is Verdict.VERIFIED
+    assert "were rewritten after the checkpoint was saved" in caplog.text
+    resumed = _torch_trainer(tmp_path / "run", max_steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert (resumed.model.a.item(), resumed.model.b.item()) == (full.model.a.item(), full.model.b.item())
+
+    os.remove(os.path.join(checkpoint, sorted(shards.values())[0]))  # an incomplete set is still refused
+    with pytest.raises(CheckpointIntegrityError, match=r"model\.safetensors is missing"):
+        verify_checkpoint(checkpoint)
+    (tmp_path / "run" / "checkpoint-6" / "model.safetensors").unlink()  # deleted weights: refused
+    with pytest.raises(CheckpointIntegrityError, match=r"model\.safetensors is missing"):
+        verify_checkpoint(str(tmp_path / "run" / "checkpoint-6"))
