@@ -23,6 +23,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
+from .auto_batch import train_with_batch_search
 from . import data, preemption
 from .backends import get_backend, resolve_backend_name
 from .callbacks import (
@@ -154,6 +155,13 @@ class Trainer:
             raise RuntimeError("model_init returned None; it must return a model.")
         return model
 
+    def plan(self, tpu_config: str | None = None, **kwargs):
+        """Compiles the train step train() would run for a TPU preset, here, and reports memory, FLOPs,
+        collectives and shardings per device (xtrainer/planning; needs `pip install 'xtrainer[plan]'`)."""
+        from .planning.trainer_plan import plan_for_trainer
+
+        return plan_for_trainer(self, tpu_config, **kwargs)
+
     def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction="minimize",
                               backend=None, hp_name=None, **kwargs):
         """Optuna search over trainings of model_init's model; returns a BestRun (see hyperparameter_search.py)."""
@@ -234,7 +242,9 @@ class Trainer:
         self.is_in_train = True
         try:
             with preemption.watch_sigterm(self.backend) as self._preemption:  # SIGTERM: save, then exit 143
-                return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
+                # auto_find_batch_size: out of memory restarts the loop with a smaller batch (auto_batch.py).
+                return train_with_batch_search(
+                    self, lambda: self._train_loop(resume_dir, trial, ignore_keys_for_eval), resume_dir)
         finally:
             self.is_in_train, self._preemption = False, None
 

@@ -52,7 +52,10 @@ class JaxBackend:
 
     name = "jax"
 
-    def __init__(self):
+    def __init__(self, devices: Sequence | None = None):
+        # The devices the mesh is built over: jax.devices() unless given. `xtrainer plan` passes the
+        # devices of a TPU topology that is not here, to compile the train step for it ahead of time.
+        self.devices = list(devices) if devices is not None else None
         self.num_processes = 1
         self.process_index = 0
         self.local_batch_devices = 1
@@ -71,19 +74,28 @@ class JaxBackend:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.args = args
         self.compute_loss_func = compute_loss_func
+        devices = self.devices or jax.devices()
+        self.model = model
+        self.adapter = make_adapter(model, seed=args.seed)
         mesh_spec = args.mesh
         if getattr(args, "tpu_config", None):
             from ...tpu_presets import check_against_devices, load_preset
 
             preset = load_preset(args.tpu_config)
-            if jax.default_backend() != "tpu":
-                logger.warning("tpu_config=%r on %s devices: only the device counts are checked.",
-                               preset.name, jax.default_backend())
-            check_against_devices(preset, jax.device_count(), jax.process_count())
-            if mesh_spec is None:
-                mesh_spec = preset.mesh_dict()
-        self.mesh_config = MeshConfig.resolve(mesh_spec, jax.device_count())
-        self.mesh = build_mesh(self.mesh_config)
+            if has_abstract_leaves(self.adapter.params) and len(devices) != preset.devices:
+                # A model built without weights can only be planned; trainer.plan() checks the preset.
+                logger.info("tpu_config=%r is not checked against these %d devices: the model has no weights "
+                            "(it can be planned, not trained).", preset.name, len(devices))
+            else:
+                if devices[0].platform != "tpu":
+                    logger.warning("tpu_config=%r on %s devices: only the device counts are checked.",
+                                   preset.name, devices[0].platform)
+                hosts = len({d.process_index for d in devices}) if self.devices else jax.process_count()
+                check_against_devices(preset, len(devices), hosts)
+                if mesh_spec is None:
+                    mesh_spec = preset.mesh_dict()
+        self.mesh_config = MeshConfig.resolve(mesh_spec, len(devices))
+        self.mesh = build_mesh(self.mesh_config, devices)
         self.num_processes, self.process_index = jax.process_count(), jax.process_index()
         if self.mesh_config.batch_devices % self.num_processes:
             raise ValueError(
@@ -91,8 +103,6 @@ class JaxBackend:
                 f"{self.num_processes} processes; change args.mesh."
             )
         self.local_batch_devices = self.mesh_config.batch_devices // self.num_processes
-        self.model = model
-        self.adapter = make_adapter(model, seed=args.seed)
         rules = parse_sharding_rules(args.sharding_rules)
         logical = self.adapter.logical_axes()
         self.param_shardings = jax.tree_util.tree_map_with_path(
@@ -147,7 +157,7 @@ class JaxBackend:
     def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> dict:
         self.config = self._step_config(num_training_steps)
         self.tx = optimizers[0] if optimizers[0] is not None else build_optimizer(self.args)
-        opt_state = jax.jit(self.tx.init)(self.params)  # moment shardings follow the params'
+        opt_state = self._init_opt_state(self.params)
         state = {
             "step": jnp.zeros((), jnp.int32),
             "params": self.params,
@@ -162,13 +172,33 @@ class JaxBackend:
         if self.config.nan_policy != "ignore":  # this run's non-finite counters (never checkpointed)
             state["nan"] = init_nan_counters()
         self.state_shardings = jax.tree.map(
-            lambda x: x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) == len(self.mesh.devices.flat) else self.replicated,
+            lambda x: x.sharding if getattr(x, "sharding", None) is not None and x.sharding.device_set == set(self.mesh.devices.flat) else self.replicated,
             state,
         )
         state = self._globalize(state, self.state_shardings)
         self._host_step = 0
         self._compiled = {}
         return state
+
+    def _init_opt_state(self, params):
+        if has_abstract_leaves(params):
+            raise ValueError(
+                "The model has no weights (it was built abstractly, e.g. with nnx.eval_shape or on the meta device): "
+                "trainer.plan() compiles its train step for a TPU preset, but train() needs real weights."
+            )
+        return jax.jit(self.tx.init, out_shardings=self._opt_state_shardings(params))(params)
+
+    def _opt_state_shardings(self, params):
+        """Optimizer moments sharded as their parameters, everything else replicated.
+
+        Left to XLA, the zeros of a fresh moment are replicated on every device (measured: Adam's mu and
+        nu of a 7B model took 50 GiB per device on a 64-device FSDP mesh instead of 0.8 GiB).
+        """
+        import optax
+
+        shapes = jax.eval_shape(self.tx.init, params)
+        return optax.tree_map_params(self.tx, lambda _, sharding: sharding, shapes, self.param_shardings,
+                                     transform_non_params=lambda _: self.replicated)
 
     # ------------------------------------------------------------------ data placement
 
@@ -185,6 +215,8 @@ class JaxBackend:
     def _globalize_leaf(self, x, sharding):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
+        if isinstance(x, jax.ShapeDtypeStruct):  # a model built without weights stays abstract
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         if self.num_processes == 1:
             return jax.device_put(x, sharding)
         is_key = isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -258,16 +290,14 @@ class JaxBackend:
         compiled = self._compiled.get(signature)
         if compiled is not None:
             return compiled
-        fn = make_train_step(self.adapter, self.tx, self.config, self.compute_loss_func, with_num_items=with_items)
-        batch_shardings = {k: v.sharding for k, v in arrays.items()}
-        jitted = jax.jit(
-            fn,
-            in_shardings=(self.state_shardings, batch_shardings, self.replicated, self.replicated),
-            out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=(0,),
-        )
+        jitted = self.jit_train_step({k: v.sharding for k, v in arrays.items()}, with_items)
         start = time.perf_counter()
-        compiled = jitted.lower(state, arrays, mask, num_items).compile()
+        if getattr(self.args, "auto_find_batch_size", False):  # a step that does not fit names the batch that does
+            from ...planning.fit import compile_within_memory
+
+            compiled = compile_within_memory(self, jitted, state, arrays, mask, num_items)
+        else:
+            compiled = jitted.lower(state, arrays, mask, num_items).compile()
         seconds = time.perf_counter() - start
         if self._compiled:
             previous = next(reversed(self._compiled))
@@ -283,6 +313,17 @@ class JaxBackend:
         self.compile_seconds.append(seconds)
         self._compiled[signature] = compiled
         return compiled
+
+    def jit_train_step(self, batch_shardings: dict, with_items: bool):
+        """The train step exactly as train() compiles it: jitted with its shardings and state donation,
+        not yet lowered. `xtrainer plan` lowers the same function with abstract arrays for a TPU topology."""
+        fn = make_train_step(self.adapter, self.tx, self.config, self.compute_loss_func, with_num_items=with_items)
+        return jax.jit(
+            fn,
+            in_shardings=(self.state_shardings, batch_shardings, self.replicated, self.replicated),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
 
     def train_step(self, state, window, num_items_in_batch, events):
         arrays, mask, real = window
@@ -411,6 +452,11 @@ class JaxBackend:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("xtrainer")
+
+
+def has_abstract_leaves(tree) -> bool:
+    """Whether any leaf is a jax.ShapeDtypeStruct (a model built without weights)."""
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
 
 def _without_run_counters(state: dict) -> dict:
