@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ..activation_sharding import shard_batch
 from ._nn import Dense, Embed, ModuleList, RMSNorm, attention
 
 IGNORE_INDEX = -100
@@ -223,9 +224,10 @@ class LlamaModel(nnx.Module):
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] != 0)
         run = nnx.remat(_run_layer, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else _run_layer
-        x = self.embed_tokens(input_ids)
+        # Hidden states stay split along the batch between layers (FSDP; see xtrainer/activation_sharding.py).
+        x = shard_batch(self.embed_tokens(input_ids))
         for layer in self.layers:
-            x = run(layer, x, cos, sin, mask)
+            x = shard_batch(run(layer, x, cos, sin, mask))
         return self.norm(x)
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ...activation_sharding import under_mesh
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
@@ -192,13 +193,15 @@ class JaxBackend:
         """Optimizer moments sharded as their parameters, everything else replicated.
 
         Left to XLA, the zeros of a fresh moment are replicated on every device (measured: Adam's mu and
-        nu of a 7B model took 50 GiB per device on a 64-device FSDP mesh instead of 0.8 GiB).
+        nu of a 7B model took 50 GiB per device on a 64-device FSDP mesh instead of 0.8 GiB). A moment of
+        another shape than its parameter (Adafactor's factored row and column statistics) is replicated.
         """
         import optax
 
         shapes = jax.eval_shape(self.tx.init, params)
-        return optax.tree_map_params(self.tx, lambda _, sharding: sharding, shapes, self.param_shardings,
-                                     transform_non_params=lambda _: self.replicated)
+        return optax.tree_map_params(
+            self.tx, lambda moment, sharding, param: sharding if moment.shape == param.shape else self.replicated,
+            shapes, self.param_shardings, params, transform_non_params=lambda _: self.replicated)
 
     # ------------------------------------------------------------------ data placement
 
@@ -319,7 +322,7 @@ class JaxBackend:
         not yet lowered. `xtrainer plan` lowers the same function with abstract arrays for a TPU topology."""
         fn = make_train_step(self.adapter, self.tx, self.config, self.compute_loss_func, with_num_items=with_items)
         return jax.jit(
-            fn,
+            under_mesh(fn, self.mesh),  # models keep activations split along the batch (activation_sharding.py)
             in_shardings=(self.state_shardings, batch_shardings, self.replicated, self.replicated),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=(0,),
@@ -354,7 +357,8 @@ class JaxBackend:
         if fn is None:
             config = getattr(self, "config", None) or StepConfig(learning_rate=0.0, schedule=lambda s: 1.0,
                                                                   compute_dtype=self.compute_dtype)
-            fn = jax.jit(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items))
+            fn = jax.jit(under_mesh(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items),
+                                    self.mesh))
             self._eval_fns[key] = fn
         loss, logits = fn(params, extra, batch.arrays, self._replicate(np.float32(num_items_in_batch or 0), reuse=True))
         labels = None
