@@ -222,7 +222,7 @@ def run_bare_jit(cfg):
     jax.block_until_ready([window[0] for window, _ in inputs])
     marks = {"bounds": []}
     t0 = time.perf_counter()
-    state = backend.init_state(total)
+    state = fresh_train_state(backend, total)
     compiled = compile_bare_step(backend, state, inputs)
     for step, ((arrays, mask, _), num_items) in enumerate(inputs, 1):
         state, metrics = compiled(state, arrays, mask, num_items)
@@ -248,6 +248,13 @@ def placed_step_inputs(backend, data, batch):
     host = [{k: np.asarray([r[k] for r in data[i:i + batch]], dtype=np.int64) for k in ("input_ids", "labels")}
             for i in range(0, len(data), batch)]
     return [(backend.shard_window([b]), backend._replicate(np.float32(count_label_items([b], shifts)))) for b in host]
+
+
+def fresh_train_state(backend, num_steps):
+    """The backend's train state for a run of num_steps with the default optimizer and schedule (what
+    Trainer.train() builds through create_optimizer / create_scheduler)."""
+    optimizer = backend.create_optimizer(backend.optimizer_target())
+    return backend.init_state(num_steps, optimizer, backend.create_scheduler(num_steps, optimizer))
 
 
 def compile_bare_step(backend, state, inputs):

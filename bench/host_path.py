@@ -92,7 +92,7 @@ def front_loop_costs(steps: int) -> dict[str, float]:
     import tempfile
 
     import xtrainer
-    from harness import compile_bare_step, placed_step_inputs  # bench/ is this script's directory
+    from harness import compile_bare_step, fresh_train_state, placed_step_inputs  # bench/ is this script's directory
     from xtrainer.model_wrappers import FunctionalModel
 
     def init(rng):
@@ -130,7 +130,7 @@ def front_loop_costs(steps: int) -> dict[str, float]:
 
     backend = trainer().backend
     inputs = placed_step_inputs(backend, rows, 8)  # placed before the clock starts
-    state = backend.init_state(steps)
+    state = fresh_train_state(backend, steps)
     compiled = compile_bare_step(backend, state, inputs)
     for i, ((arrays, mask, _), num_items) in enumerate(inputs):
         if i == warmup:

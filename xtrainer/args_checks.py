@@ -84,7 +84,8 @@ def validate(args) -> None:
                 )
     if args.save_strategy == SaveStrategy.BEST:
         if args.metric_for_best_model is None:
-            fail("save_strategy='best' requires `metric_for_best_model` (or load_best_model_at_end=True).")
+            fail("`args.metric_for_best_model` must be provided when save_strategy='best': set `metric_for_best_model` "
+                 "(or load_best_model_at_end=True, which ranks by the loss).")
         if args.eval_strategy == IntervalStrategy.NO:
             fail("save_strategy='best' needs evaluations: set `eval_strategy` to 'steps' or 'epoch'.")
     if args.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU and args.eval_strategy == IntervalStrategy.NO:

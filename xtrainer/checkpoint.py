@@ -8,8 +8,13 @@ business (model, optimizer, RNG) plus the front's `trainer_state.json` and `trai
 Integrity: the last file written before publication is a manifest (manifest.py) with the size and
 sha256 of every file. Resuming verifies it: `resume_from_checkpoint=True` falls back to the newest
 checkpoint that verifies (with a warning per skipped one), an explicit path that fails raises.
-Rotation never deletes the newest verified checkpoint nor the best one. A save that runs out of
-disk space removes its temporary directory and raises `CheckpointDiskFullError`.
+Rotation never deletes the newest verified checkpoint nor the best one.
+
+A failed save removes its temporary directory and every process raises the same error, built from
+every process's report (`describe_save_failure` -> `save_failure_error`): `CheckpointDiskFullError`
+for a full disk, `CheckpointWriteError` otherwise, naming the process and the file that failed
+(`writing(path)` records the file on errors that do not say). The Trainer's save protocol around
+these pieces (several processes, asynchronous saves) is checkpoint_writer.py.
 """
 
 from __future__ import annotations
@@ -50,16 +55,63 @@ def _fsync_tree(root: str) -> None:
             os.close(fd)
 
 
+def temporary_dir(run_dir: str, step: int) -> str:
+    """Where checkpoint `step` is written before it is published."""
+    return os.path.join(run_dir, f"{_TMP_PREFIX}-{step}")
+
+
+def prepare_temporary(run_dir: str, step: int) -> str:
+    """Creates an empty temporary directory for checkpoint `step` (process 0 only); returns it.
+
+    A temporary directory of the same step left by a crashed save is removed first.
+    """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise NotADirectoryError(f"output_dir {run_dir} exists and is not a directory.")
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = temporary_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def publish_temporary(run_dir: str, step: int) -> str:
+    """Writes the manifest (the last file), flushes everything, and renames the temporary directory
+    to checkpoint-{step} (process 0 only, once every process finished writing); returns the final path.
+
+    Re-saving a step that already has a checkpoint moves the old copy aside first, so there is never
+    a moment without a complete checkpoint-{step}.
+    """
+    tmp, final = temporary_dir(run_dir, step), os.path.join(run_dir, checkpoint_dir_name(step))
+    with writing(os.path.join(tmp, MANIFEST_NAME)):
+        write_manifest(tmp)  # it lists every file the other processes and the backend wrote
+    _fsync_tree(tmp)
+    if os.path.exists(final):
+        stale = final + ".stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def discard_temporary(run_dir: str, step: int) -> None:
+    """Removes the temporary directory of a failed save; published checkpoints are untouched."""
+    shutil.rmtree(temporary_dir(run_dir, step), ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_checkpoint(
     run_dir: str, step: int, *, is_main: bool = True, barrier: Callable[[], None] = lambda: None
 ) -> Iterator[str]:
     """Yields a temporary directory to write checkpoint `step` into; publishes it on success.
 
-    Every process writes into the same temporary directory (sharded state); process 0 creates it
-    and renames it once all processes are done, after writing the manifest (every file's size and
-    sha256) as the last file. On an exception the temporary directory is removed and earlier
-    checkpoints are untouched.
+    The one-process form of what checkpoint_writer.CheckpointWriter does for the Trainer (which
+    also agrees with the other processes on the outcome and can finish in the background):
+    process 0 creates the directory and renames it once all processes are done, after writing the
+    manifest (every file's size and sha256) as the last file. On an exception the temporary
+    directory is removed and earlier checkpoints are untouched.
 
     Args:
         run_dir: the output directory holding the checkpoint-N directories.
@@ -70,53 +122,146 @@ def atomic_checkpoint(
     Raises:
         CheckpointDiskFullError: the save ran out of disk space (the original error is its cause).
     """
-    final = os.path.join(run_dir, checkpoint_dir_name(step))
-    tmp = os.path.join(run_dir, f"{_TMP_PREFIX}-{step}")
+    tmp = temporary_dir(run_dir, step)
     if is_main:
-        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-            raise NotADirectoryError(f"output_dir {run_dir} exists and is not a directory.")
-        os.makedirs(run_dir, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash in an earlier save
-        os.makedirs(tmp)
+        prepare_temporary(run_dir, step)
     barrier()
     try:
         yield tmp
         barrier()
         if is_main:
-            write_manifest(tmp)  # last: it lists every file the other processes and backends wrote
-            _fsync_tree(tmp)
+            publish_temporary(run_dir, step)
     except BaseException as exc:
         if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_temporary(run_dir, step)
         if _is_disk_full(exc):
-            raise CheckpointDiskFullError(
-                f"The disk is full: saving checkpoint {checkpoint_dir_name(step)} into {tmp} failed ({exc}). "
-                "The partial checkpoint was removed and the earlier checkpoints are intact; free space on "
-                f"{run_dir} (or lower save_total_limit) and resume with resume_from_checkpoint=True.",
-                step=step,
-            ) from exc
+            raise save_failure_error(step, run_dir, [describe_save_failure(exc, rank=0)]) from exc
         raise
-    if is_main:
-        if os.path.exists(final):  # re-saving the same step: move the old copy aside first
-            stale = final + ".stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
     barrier()
 
 
 class CheckpointDiskFullError(OSError):
-    """Saving a checkpoint ran out of disk space (ENOSPC / EDQUOT); `step` is the checkpoint that failed."""
+    """Saving a checkpoint ran out of disk space (ENOSPC / EDQUOT).
 
-    def __init__(self, message: str, *, step: int):
+    Attributes:
+        step: the checkpoint that failed.
+        rank: the process whose write failed (0 on one process), when known.
+        path: the file being written when it failed, when known.
+    """
+
+    def __init__(self, message: str, *, step: int, rank: int | None = None, path: str | None = None):
         super().__init__(errno.ENOSPC, message)
-        self.step = step
+        self.step, self.rank, self.path = step, rank, path
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed on some process for another reason than a full disk (an I/O error,
+    a permission, a lost mount...). Every process of the run raises the same error.
+
+    Attributes:
+        step: the checkpoint that failed.
+        rank: the process whose write failed.
+        path: the file being written when it failed, when known.
+    """
+
+    def __init__(self, message: str, *, step: int, rank: int | None = None, path: str | None = None,
+                 error_number: int | None = None):
+        super().__init__(error_number or errno.EIO, message)
+        self.step, self.rank, self.path = step, rank, path
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Names `path` on any exception raised while writing it, for the error every process reports.
+
+    Writers (torch.save, safetensors, orbax) often fail without saying which file; this records it
+    on the exception (`checkpoint_file`) unless an inner `writing` already did.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "checkpoint_file", None) is None:
+            try:
+                exc.checkpoint_file = path
+            except AttributeError:  # an exception type without a __dict__
+                pass
+        raise
+
+
+def _failing_path(exc: BaseException) -> str | None:
+    """The file a failed write was writing: an OSError's own filename (the most precise), else the
+    one `writing` recorded."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for link in chain:
+        if isinstance(link, OSError) and link.filename:
+            return os.fspath(link.filename)
+    for link in chain:
+        if getattr(link, "checkpoint_file", None):
+            return os.fspath(link.checkpoint_file)
+    return None
+
+
+class PeerSaveFailed(RuntimeError):
+    """Raised on a process whose own writes were fine when another process's save failed first."""
+
+
+def describe_save_failure(exc: BaseException, *, rank: int) -> dict:
+    """What one process reports to the others about its failed save (plain JSON values)."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+    return {
+        "rank": rank,
+        "path": _failing_path(exc),
+        "disk_full": _is_disk_full(exc),
+        "errno": exc.errno if isinstance(exc, OSError) and isinstance(exc.errno, int) else None,
+        "error": f"{type(exc).__name__}: {first_line}",
+        "consequence": isinstance(exc, PeerSaveFailed) or _wraps(exc, PeerSaveFailed),
+    }
+
+
+def _wraps(exc: BaseException, kind: type) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def save_failure_error(step: int, run_dir: str, failures: list[dict]) -> OSError:
+    """The one error every process raises for a failed save, built from every process's report.
+
+    The root cause is the first failure (lowest rank) that is not only a reaction to another
+    process's failure; the others are listed after it.
+    """
+    failures = sorted(failures, key=lambda f: (f["consequence"], f["rank"]))
+    root = failures[0]
+    where = f"process {root['rank']}" + (f", writing {root['path']}" if root["path"] else "")
+    others = "".join(f"; process {f['rank']}: {f['error']}" for f in failures[1:] if not f["consequence"])
+    stopped = [str(f["rank"]) for f in failures[1:] if f["consequence"]]
+    if stopped:
+        others += f"; process{'es' if len(stopped) > 1 else ''} {', '.join(stopped)} stopped waiting for it"
+    name = checkpoint_dir_name(step)
+    advice = (
+        f"No process published {name}: its partial directory was removed and the earlier checkpoints in "
+        f"{run_dir} are intact. Resume with resume_from_checkpoint=True."
+    )
+    if root["disk_full"]:
+        message = (f"The disk is full: saving {name} failed on {where} ({root['error']}{others}). "
+                   f"{advice} Free space on {run_dir} (or lower save_total_limit) first.")
+        return CheckpointDiskFullError(message, step=step, rank=root["rank"], path=root["path"])
+    message = f"Saving {name} failed on {where}: {root['error']}{others}. {advice}"
+    return CheckpointWriteError(message, step=step, rank=root["rank"], path=root["path"], error_number=root["errno"])
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -239,7 +384,8 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | 
         checkpoints = sorted_checkpoints(output_dir)
         if not checkpoints:
             raise ValueError(
-                f"resume_from_checkpoint=True but no checkpoint-N directory was found in output_dir={output_dir!r}."
+                f"No valid checkpoint found in output directory ({output_dir}): resume_from_checkpoint=True needs a "
+                "checkpoint-N directory there."
             )
         failures = []
         for path in reversed(checkpoints):
@@ -257,7 +403,8 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | 
         )
     path = os.fspath(resume_from_checkpoint)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"resume_from_checkpoint={path!r} does not exist (or is not a directory).")
+        raise FileNotFoundError(f"Can't find a valid checkpoint at {path}: resume_from_checkpoint={path!r} does not "
+                                "exist (or is not a directory).")
     if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
         raise ValueError(
             f"resume_from_checkpoint={path!r} is not a complete checkpoint: it has no {TRAINER_STATE_NAME}."
@@ -269,16 +416,24 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir: str) -> str | 
 __all__ = [
     "CheckpointDiskFullError",
     "CheckpointIntegrityError",
+    "CheckpointWriteError",
     "TRAINER_STATE_NAME",
     "TRAINING_ARGS_NAME",
     "atomic_checkpoint",
     "checkpoint_dir_name",
     "checkpoint_step",
     "checkpoints_to_delete",
+    "describe_save_failure",
+    "discard_temporary",
     "newest_verified_checkpoint",
+    "prepare_temporary",
+    "publish_temporary",
     "remove_stale_temporaries",
     "resolve_resume_checkpoint",
     "rotate_checkpoints",
+    "save_failure_error",
     "save_training_args",
+    "temporary_dir",
     "verify_for_load",
+    "writing",
 ]

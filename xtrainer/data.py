@@ -259,12 +259,19 @@ def _check_array(name: str, value: Any) -> None:
             f"Feature '{name}' could not be batched into a numeric array (its values have different types or shapes, "
             "or contain None): make every example hold numbers or equal-shape arrays there, or pass a `data_collator`."
         )
-    if name.endswith("input_ids") and np.issubdtype(dtype, np.floating):
-        raise ValueError(
-            f"Feature '{name}' has dtype {dtype}, but token ids must be integers (embedding lookups take int "
-            f"indices): cast them, e.g. dataset.map(lambda ex: {{'{name}': [int(t) for t in ex['{name}']]}}), or "
-            "build them with a tokenizer."
-        )
+
+
+def check_token_ids(batch: Mapping[str, Any]) -> None:
+    """Fails early, naming the field, on float token ids fed to a model that looks them up in an embedding
+    (called only for such models: a model may take a float `input_ids` of its own)."""
+    for name, value in batch.items():
+        dtype = getattr(value, "dtype", None)
+        if name.endswith("input_ids") and dtype is not None and np.issubdtype(dtype, np.floating):
+            raise ValueError(
+                f"Feature '{name}' has dtype {dtype}, but token ids must be integers (embedding lookups take int "
+                f"indices): cast them, e.g. dataset.map(lambda ex: {{'{name}': [int(t) for t in ex['{name}']]}}), or "
+                "build them with a tokenizer."
+            )
 
 
 class RemoveColumnsCollator:

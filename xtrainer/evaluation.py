@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import data
+from .backends.base import EvalOutput
 from .trainer_utils import EvalLoopOutput, EvalPrediction, denumpify_detensorize
 
 
@@ -65,15 +66,14 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     metrics = None
     observed = 0
     main_input = getattr(trainer.model, "main_input_name", "input_ids")
+    model = backend.eval_model(state)
     for step, (host_batch, is_last) in enumerate(_mark_last(loader.epoch(0))):
         rows = data.batch_size_of(host_batch) or batch_size
         observed += rows
-        num_items = None
-        if trainer.label_names and all(k in host_batch for k in trainer.label_names):
-            counts, shifts = backend.counts_label_items()
-            num_items = data.count_label_items([host_batch], shifts) if counts else None
         batch = backend.shard_batch(host_batch)
-        out = trainer._prediction_step(state, batch, host_batch, loss_only, ignore_keys, num_items)
+        # The (overridable) prediction_step sees what transformers' sees: the model and a dict of its tensors.
+        step_out = trainer.prediction_step(model, backend.eval_inputs(batch), loss_only, ignore_keys=ignore_keys)
+        out = backend.trim_padding(EvalOutput(*step_out), batch)
         logits, batch_labels = out.logits, out.labels
         batch_losses = None
         if out.loss is not None:
@@ -82,6 +82,9 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
             weight_rows = batch_size if trainer.eval_loss_full_batch_weight else rows
             batch_losses = backend.repeat_scalar(out.loss, weight_rows)
             losses.add(batch_losses)
+        if trainer.preprocess_logits_for_metrics is not None or args.batch_eval_metrics:
+            # User code sees the model's own tensor type (torch tensors for a torch model trained through torchax).
+            logits, batch_labels = backend.metrics_view(logits), backend.metrics_view(batch_labels)
         if logits is not None and trainer.preprocess_logits_for_metrics is not None:
             logits = trainer.preprocess_logits_for_metrics(logits, batch_labels)
         if keep_batches:

@@ -28,11 +28,25 @@ class HPSearchBackend(str, Enum):
 
     OPTUNA = "optuna"
     RAY = "ray"
-    SIGOPT = "sigopt"
     WANDB = "wandb"
 
 
-SUPPORTED_BACKENDS = (HPSearchBackend.OPTUNA,)
+class SearchBackendInfo(NamedTuple):
+    """What a search library needs and whether xtrainer drives it."""
+
+    name: str
+    pip_package: str
+    supported: bool
+
+
+# transformers keys its backend registry by the enum, in the enum's order; scripts list it.
+ALL_HYPERPARAMETER_SEARCH_BACKENDS = {
+    HPSearchBackend.OPTUNA: SearchBackendInfo("optuna", "optuna", True),
+    HPSearchBackend.RAY: SearchBackendInfo("ray", "'ray[tune]'", False),
+    HPSearchBackend.WANDB: SearchBackendInfo("wandb", "wandb", False),
+}
+
+SUPPORTED_BACKENDS = tuple(b for b, info in ALL_HYPERPARAMETER_SEARCH_BACKENDS.items() if info.supported)
 
 
 class BestRun(NamedTuple):

@@ -76,6 +76,33 @@ class TrainSamplingStrategy(ExplicitEnum):
     GROUP_BY_LENGTH = "group_by_length"
 
 
+class HubStrategy(ExplicitEnum):
+    """What `push_to_hub` uploads and when (transformers' values)."""
+
+    END = "end"
+    EVERY_SAVE = "every_save"
+    CHECKPOINT = "checkpoint"
+    ALL_CHECKPOINTS = "all_checkpoints"
+
+
+class DebugOption(ExplicitEnum):
+    """transformers' `debug` options."""
+
+    UNDERFLOW_OVERFLOW = "underflow_overflow"
+    TPU_METRICS_DEBUG = "tpu_metrics_debug"
+
+
+class ParallelMode(enum.Enum):
+    """How this process's work is parallelised (transformers' `TrainingArguments.parallel_mode` values)."""
+
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+    SAGEMAKER_MODEL_PARALLEL = "sagemaker_model_parallel"
+    SAGEMAKER_DATA_PARALLEL = "sagemaker_data_parallel"
+    TPU = "tpu"
+
+
 class EvalPrediction:
     """Predictions, label ids and (optionally) inputs of an evaluation, as handed to `compute_metrics`.
 
@@ -134,7 +161,13 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     if deterministic:
+        # full_determinism, as transformers does it: deterministic kernels, and the cuBLAS workspace setting
+        # CUDA needs for them (set before the first cuBLAS call; harmless on CPU).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        os.environ.setdefault("FLASH_ATTENTION_DETERMINISTIC", "1")
         torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def checkpoint_step(path: str) -> int | None:

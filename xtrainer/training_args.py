@@ -20,7 +20,11 @@ from typing import Any, Literal, Union
 
 from .args_checks import BACKENDS, LOG_LEVELS, validate
 from .sharding import MESH_AXES
+from .training_args_setters import TrainingArgumentsSetters
+from .accelerator_config import AcceleratorConfig
 from .trainer_utils import (
+    DebugOption,
+    HubStrategy,
     IntervalStrategy,
     OptimizerNames,
     SaveStrategy,
@@ -74,6 +78,15 @@ def _to_enum(enum_cls, value, arg: str):
         raise ValueError(f"`{arg}`={value!r} is not supported; choose one of: {valid}.") from None
 
 
+def _dtypes_to_str(d: dict) -> None:
+    """torch.dtype values under a `dtype` key (at any depth) -> "float32", as transformers serialises them."""
+    if d.get("dtype") is not None and not isinstance(d["dtype"], str):
+        d["dtype"] = str(d["dtype"]).split(".")[-1]
+    for value in d.values():
+        if isinstance(value, dict):
+            _dtypes_to_str(value)
+
+
 def _deprecated(old: str, new: str) -> None:
     warnings.warn(
         f"`{old}` is deprecated (removed in transformers 5); use `{new}` instead.", DeprecationWarning, stacklevel=5
@@ -81,10 +94,11 @@ def _deprecated(old: str, new: str) -> None:
 
 
 @dataclass
-class TrainingArguments:
+class TrainingArguments(TrainingArgumentsSetters):
     """The arguments of a training/evaluation run, named and defaulted as in transformers 5.x.
 
     Extra xtrainer fields: `backend`, `mesh`, `tpu_config`, `sharding_rules`, `jax_compilation_cache_dir`,
+    `async_checkpointing`, `jax_heartbeat_timeout`,
     and the torch_xla static-shape policy `xla_pad_batches`, `xla_seq_bucket`, `xla_max_graphs`, `xla_on_recompile`.
     `nan_policy` ("raise" | "skip" | "ignore") says what a step with a NaN/inf loss or grad norm does (nan_policy.py).
     Dict-typed fields also accept a JSON string (as on the command line).
@@ -266,6 +280,16 @@ class TrainingArguments:
     enable_jit_checkpoint: bool = field(
         default=False, metadata=_help("On SIGTERM, finish the step, save a checkpoint and exit (preemption).")
     )
+    async_checkpointing: bool = field(
+        default=False,
+        metadata=_help("Write checkpoints in a background thread: the step loop pays only the copy to host memory "
+                       "(xtrainer; torch and jax backends)."),
+    )
+    jax_heartbeat_timeout: int = field(
+        default=60,
+        metadata=_help("Multi-host JAX: seconds after which the other processes stop when one stopped responding "
+                       "(xtrainer; jax.distributed's heartbeat timeout)."),
+    )
     debug: str | list[str] = field(
         default="", metadata=_help("Debug features: 'underflow_overflow', 'tpu_metrics_debug'.")
     )
@@ -356,7 +380,26 @@ class TrainingArguments:
         if self.disable_tqdm is None:
             self.disable_tqdm = logger.getEffectiveLevel() > logging.WARNING
         if isinstance(self.debug, str):
-            self.debug = self.debug.split()
+            self.debug = [DebugOption(s) for s in self.debug.split()]
+        elif self.debug is None:
+            self.debug = []
+        else:
+            self.debug = [DebugOption(s) for s in self.debug]
+        self.hub_strategy = _to_enum(HubStrategy, self.hub_strategy, "hub_strategy")
+        self.accelerator_config = AcceleratorConfig.from_value(self.accelerator_config)
+        steps = (self.accelerator_config.gradient_accumulation_kwargs or {}).get("num_steps")
+        if steps is not None:  # transformers lets accelerate's kwargs set the accumulation
+            if self.gradient_accumulation_steps > 1:
+                raise ValueError(
+                    "accelerator_config's gradient_accumulation_kwargs sets num_steps and gradient_accumulation_steps is "
+                    "greater than 1: set only one of them."
+                )
+            self.gradient_accumulation_steps = int(steps)
+        if self.torch_empty_cache_steps is not None and not (
+            isinstance(self.torch_empty_cache_steps, int) and not isinstance(self.torch_empty_cache_steps, bool)
+            and self.torch_empty_cache_steps > 0
+        ):
+            raise ValueError(f"`torch_empty_cache_steps` must be a positive integer or None, got {self.torch_empty_cache_steps!r}.")
         if isinstance(self.include_num_input_tokens_seen, bool):
             self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
         if isinstance(self.fsdp, str) and self.fsdp.lower() in ("true", "false", ""):
@@ -393,6 +436,10 @@ class TrainingArguments:
             from .integrations import available_integrations
 
             self.report_to = available_integrations()
+        from .integrations.kubeflow import kubeflow_requested
+
+        if kubeflow_requested() and "kubeflow" not in self.report_to:  # inside a Kubeflow TrainJob, as transformers
+            self.report_to = [*self.report_to, "kubeflow"]
 
         if (self.torch_compile_backend is not None or self.torch_compile_mode is not None) and not self.torch_compile:
             self.torch_compile = True
@@ -520,37 +567,94 @@ class TrainingArguments:
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         validate(self)
+        if self.deepspeed or self.use_liger_kernel:  # fields no backend runs: refuse them now, not at train()
+            from .args_support import refused_everywhere
 
-    # ------------------------------------------------------------------ properties
+            problems = refused_everywhere(self)
+            if problems:
+                raise ValueError("\n".join(problems))
+
+    # ------------------------------------------------------------------ this process (see process_layout.py)
     @property
-    def train_batch_size(self) -> int:
-        """Per-device training batch size; the Trainer multiplies by the data-parallel size itself."""
-        return self.per_device_train_batch_size
+    def device(self):
+        """The torch device of this process (cuda:LOCAL_RANK, cpu, or the XLA device; cpu on jax, where the
+        mesh places the model, so `model.to(args.device)` in a transformers script is harmless)."""
+        from .process_layout import torch_device
+
+        return torch_device(self)
 
     @property
-    def eval_batch_size(self) -> int:
-        return self.per_device_eval_batch_size
+    def n_gpu(self) -> int:
+        """GPUs this process drives."""
+        from .process_layout import gpus_used
+
+        return gpus_used(self)
+
+    @property
+    def parallel_mode(self):
+        from .process_layout import parallel_mode
+
+        return parallel_mode(self)
 
     @property
     def world_size(self) -> int:
-        return int(os.environ.get("WORLD_SIZE", 1))
+        """Processes in the run."""
+        from .process_layout import process_layout
+
+        return process_layout(self).world_size
 
     @property
     def process_index(self) -> int:
-        return int(os.environ.get("RANK", 0))
+        from .process_layout import process_layout
+
+        return process_layout(self).process_index
 
     @property
     def local_process_index(self) -> int:
-        default = self.local_rank if self.local_rank != -1 else 0
-        return int(os.environ.get("LOCAL_RANK", default))
+        from .process_layout import process_layout
+
+        return process_layout(self).local_process_index
+
+    @property
+    def train_batch_size(self) -> int:
+        """Training batch size of this process per device group: per_device_train_batch_size x max(1, n_gpu)."""
+        return self.per_device_train_batch_size * max(1, self.n_gpu)
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size * max(1, self.n_gpu)
+
+    @property
+    def ddp_timeout_delta(self):
+        import datetime
+
+        return datetime.timedelta(seconds=self.ddp_timeout)
+
+    @property
+    def place_model_on_device(self) -> bool | None:
+        """transformers' hook for integrations that place the model themselves; None (the Trainer decides)."""
+        return None
+
+    @property
+    def _no_sync_in_gradient_accumulation(self) -> bool:
+        return not self.deepspeed
 
     @property
     def should_log(self) -> bool:
+        """Whether this process logs: the main process, or each node's with log_on_each_node."""
         return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
 
     @property
     def should_save(self) -> bool:
+        """Whether this process writes files: the main process, or each node's with save_on_each_node."""
         return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
+
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        """Context manager: the main process (of each node with local=True) runs the block first, then the
+        others; a real barrier across the run's processes on every backend."""
+        from .process_layout import main_process_first
+
+        return main_process_first(self, local=local, desc=desc)
 
     def get_process_log_level(self) -> int:
         """The log level for this process: `log_level` on the main one, `log_level_replica` elsewhere."""
@@ -579,7 +683,12 @@ class TrainingArguments:
                 value = os.fspath(value)
             if f.name.endswith("_token"):  # masked whether set or not, as transformers writes it
                 value = f"<{f.name.upper()}>"
+            if isinstance(value, AcceleratorConfig):
+                value = value.to_dict()
+            if f.name == "parallelism_config" and hasattr(value, "to_json"):
+                value = value.to_json()
             out[f.name] = value
+        _dtypes_to_str(out)
         return out
 
     def to_json_string(self) -> str:

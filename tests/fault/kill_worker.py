@@ -17,7 +17,8 @@ Test-only hooks (set per run by the test, not environment variables; nothing in 
     pause_at_step / pause_phase: at the save of that step, write `<trial>/paused` and sleep, so the
     test can SIGKILL the process at an exact point inside the checkpoint write:
       "empty"       - tmp-checkpoint-N/ exists, nothing written into it yet;
-      "backend"     - the backend's files (weights, optimizer, RNG / orbax state) are written;
+      "backend"     - the backend's files (weights, optimizer, RNG / orbax state) are written (with
+                      async_save, in the background thread while the step loop goes on);
       "unpublished" - every file is written (trainer_state.json, training_args.bin), the directory
                       is not yet renamed to checkpoint-N/.
 """
@@ -129,30 +130,43 @@ def _install_pause_hook(trainer, trial_dir: str, step: int, phase: str) -> None:
         time.sleep(600)  # the test kills us here
         raise RuntimeError("kill_worker: the test did not kill the paused job")
 
-    real_save = trainer.backend.save
+    def at_step(directory) -> bool:
+        return os.path.basename(os.path.normpath(directory)).endswith(f"-{step}")
 
-    def save(state, directory, **kw):
-        at_step = os.path.basename(os.path.normpath(directory)).endswith(f"-{step}")
-        if at_step and phase == "empty":
+    real_save_async = trainer.backend.save_async
+
+    def save_async(state, directory, **kw):
+        # Every save of the torch and jax backends starts here (their `save` calls it and runs the
+        # returned function at once); an asynchronous save runs that function in the background
+        # thread, which is where "backend" pauses then, while the step loop goes on.
+        if at_step(directory) and phase == "empty":
             pause()
-        real_save(state, directory, **kw)
-        if at_step and phase == "backend":
+        finish = real_save_async(state, directory, **kw)
+        if not (at_step(directory) and phase == "backend"):
+            return finish
+
+        def finish_then_pause():
+            finish()
             pause()
 
-    trainer.backend.save = save
-    real_args = ckpt.save_training_args
+        return finish_then_pause
 
-    def save_training_args(args, directory):
-        real_args(args, directory)
-        if phase == "unpublished" and os.path.basename(os.path.normpath(directory)).endswith(f"-{step}"):
+    trainer.backend.save_async = save_async
+    real_publish = ckpt.publish_temporary
+
+    def publish_temporary(run_dir, at):
+        if phase == "unpublished" and at == step:  # every file written; no manifest, no rename yet
             pause()
+        return real_publish(run_dir, at)
 
-    ckpt.save_training_args = save_training_args  # this process only: it dies right after
+    ckpt.publish_temporary = publish_temporary  # this process only: it dies right after
 
 
 def run_job(backend: str, trial_dir: str, resume: bool = False, pause_at_step: int | None = None,
-            pause_phase: str = "backend", cache_dir: str | None = None) -> dict:
+            pause_phase: str = "backend", cache_dir: str | None = None, async_save: bool = False) -> dict:
     """Trains (or resumes) one job in `trial_dir/out`; writes weights.npz and result.json to trial_dir.
+
+    async_save: checkpoints are written in the background (async_checkpointing=True).
 
     Progress is appended to `trial_dir/progress` (one line per finished step) so the test can time
     its kills. Returns the result dict.
@@ -173,6 +187,8 @@ def run_job(backend: str, trial_dir: str, resume: bool = False, pause_at_step: i
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out_dir = os.path.join(trial_dir, "out")
     extra = {"jax_compilation_cache_dir": cache_dir} if backend == "jax" and cache_dir else {}
+    if async_save:
+        extra["async_checkpointing"] = True
     info: dict = {"resumed_from": None, "first_step_s": None}
     progress_path = os.path.join(trial_dir, "progress")
 
@@ -252,7 +268,7 @@ def _child(request: dict) -> None:
         before = set(sys.modules)
         run_job(request["backend"], request["trial_dir"], resume=request.get("resume", False),
                 pause_at_step=request.get("pause_at_step"), pause_phase=request.get("pause_phase", "backend"),
-                cache_dir=request.get("cache_dir"))
+                cache_dir=request.get("cache_dir"), async_save=request.get("async_save", False))
         with open(os.path.join(request["trial_dir"], "modules.json"), "w") as f:
             json.dump(sorted(set(sys.modules) - before), f)  # for the server's next children (see serve)
         code = 0

@@ -20,7 +20,8 @@ import numpy as np
 
 MAX_STEPS, SAVE_STEPS, PAUSE_STEP = 6, 5, 2
 ARGS = dict(per_device_train_batch_size=2, learning_rate=0.05, max_steps=MAX_STEPS, save_steps=SAVE_STEPS,
-            logging_steps=1, report_to="none", disable_tqdm=True, seed=5, train_sampling_strategy="random")
+            logging_steps=1, report_to="none", disable_tqdm=True, seed=5, train_sampling_strategy="random",
+            enable_jit_checkpoint=True)  # transformers' switch for the SIGTERM checkpoint
 
 
 def torch_model():

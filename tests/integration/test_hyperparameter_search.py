@@ -127,3 +127,12 @@ def test_search_errors(tmp_path):
     assert space == {"learning_rate": 1e-5, "num_train_epochs": 2, "seed": 7, "per_device_train_batch_size": 8}
     assert default_compute_objective({"eval_loss": 0.5, "epoch": 1.0, "eval_runtime": 3.0}) == 0.5
     assert default_compute_objective({"eval_loss": 0.5, "eval_acc": 0.75, "eval_f1": 0.5}) == 1.25
+
+
+def test_backend_registry_matches_the_enum():
+    from xtrainer.hyperparameter_search import ALL_HYPERPARAMETER_SEARCH_BACKENDS, SUPPORTED_BACKENDS, HPSearchBackend
+
+    # transformers 5.x: optuna, ray, wandb, keyed in the enum's order.
+    assert list(ALL_HYPERPARAMETER_SEARCH_BACKENDS) == list(HPSearchBackend)
+    assert [b.value for b in HPSearchBackend] == ["optuna", "ray", "wandb"]
+    assert SUPPORTED_BACKENDS == (HPSearchBackend.OPTUNA,)

@@ -57,7 +57,7 @@ def test_registry_resolves_names():
 
 def test_unknown_integration_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"report_to='tensorbord' is not a known integration; choose from "
-                                         r"'tensorboard', 'jsonl', 'wandb', 'all', 'none'"):
+                                         r"'tensorboard', 'jsonl', 'wandb', 'kubeflow', 'all', 'none'"):
         xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path, ["tensorbord"]))
 
 

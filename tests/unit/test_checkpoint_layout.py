@@ -64,7 +64,7 @@ def test_rotation_keeps_newest_and_best(tmp_path, limit, best, expected_deleted)
 
 def test_resolve_resume_checkpoint(tmp_path):
     assert ckpt.resolve_resume_checkpoint(None, str(tmp_path)) is None
-    with pytest.raises(ValueError, match="no checkpoint-N directory"):
+    with pytest.raises(ValueError, match="No valid checkpoint found in output directory"):
         ckpt.resolve_resume_checkpoint(True, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.resolve_resume_checkpoint(str(tmp_path / "nope"), str(tmp_path))

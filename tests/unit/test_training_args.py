@@ -14,10 +14,7 @@ transformers = pytest.importorskip("transformers")
 # Fields both classes define whose defaults differ on purpose (name -> reason). Empty: every shared field
 # matches transformers 5. (xtrainer skips several v5 fields entirely, e.g. hub_*, trackio_*, accelerator_config,
 # deepspeed, debug; those are not compared.)
-INTENTIONAL_DEFAULT_DIFFERENCES: dict[str, str] = {
-    # transformers fills in accelerate's AcceleratorConfig defaults; being aligned with the serialisation work.
-    "accelerator_config": "filled by accelerate in transformers",
-}
+INTENTIONAL_DEFAULT_DIFFERENCES: dict[str, str] = {}
 
 
 def make(**kwargs):

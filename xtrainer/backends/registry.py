@@ -186,4 +186,4 @@ def early_setup(args) -> None:
     if str(getattr(args, "backend", "auto")) in ("auto", "jax") and os.environ.get("JAX_COORDINATOR_ADDRESS"):
         from .jax.multihost import initialize_from_env
 
-        initialize_from_env()
+        initialize_from_env(args)

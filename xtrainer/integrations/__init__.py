@@ -7,6 +7,7 @@ Each integration is a `TrainerCallback` in its own module, imported only when it
 | `tensorboard` | `TensorBoardCallback` | TensorBoard event files under `output_dir/runs/...`        |
 | `jsonl`       | `JsonlCallback`       | `output_dir/log_history.jsonl`, one JSON object per log    |
 | `wandb`       | `WandbCallback`       | a Weights & Biases run (honours `WANDB_MODE=offline`)      |
+| `kubeflow`    | `KubeflowCallback`    | progress posts to the Kubeflow Trainer controller; added to report_to by itself inside a Kubeflow TrainJob |
 
 `report_to="all"` means every installed one, `"none"` / `None` / `[]` nothing (transformers'
 default is `"none"`, and so is ours).
@@ -22,7 +23,17 @@ _INTEGRATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tensorboard": ("xtrainer.integrations.tensorboard", "TensorBoardCallback", ("tensorboard",)),
     "jsonl": ("xtrainer.integrations.jsonl", "JsonlCallback", ()),
     "wandb": ("xtrainer.integrations.wandb", "WandbCallback", ("wandb",)),
+    "kubeflow": ("xtrainer.integrations.kubeflow", "KubeflowCallback", ()),
 }
+
+
+def _environment_ready(name: str) -> bool:
+    """Integrations that only work inside a given environment (Kubeflow's controller)."""
+    if name == "kubeflow":
+        from .kubeflow import kubeflow_requested
+
+        return kubeflow_requested()
+    return True
 
 
 def _installed(package: str) -> bool:
@@ -39,7 +50,8 @@ def integration_names() -> list[str]:
 
 def available_integrations() -> list[str]:
     """The integrations whose packages are installed here (what report_to="all" reports to)."""
-    return [name for name, (_, _, needs) in _INTEGRATIONS.items() if all(_installed(p) for p in needs)]
+    return [name for name, (_, _, needs) in _INTEGRATIONS.items()
+            if all(_installed(p) for p in needs) and _environment_ready(name)]
 
 
 def resolve_report_to(report_to) -> list[str]:

@@ -91,3 +91,51 @@ def _plain(dtype) -> bool:
         return True
     except TypeError:  # typed PRNG keys
         return False
+
+
+class DefaultHookOwner:
+    """What `TrainerHooks` reads from a Trainer, with the Trainer's default hooks, for `plan(model, args)`
+    called without a Trainer: the planned step then computes its loss as an unmodified Trainer would."""
+
+    optimizer_cls_and_kwargs = None
+    loss_is_scaled_for_ga = None
+    current_gradient_accumulation_steps = 1
+
+    def __init__(self, backend: JaxBackend, args: Any, compute_loss_func=None):
+        import types
+
+        self.backend, self.args, self.compute_loss_func = backend, args, compute_loss_func
+        self.label_names = list(args.label_names or []) or None  # filled in once the backend is prepared
+        epsilon = float(getattr(args, "label_smoothing_factor", 0.0) or 0.0)
+        self.label_smoother = types.SimpleNamespace(epsilon=epsilon) if epsilon else None
+        self.state = types.SimpleNamespace(global_step=0)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        return self.backend.compute_loss(model, inputs, return_outputs=return_outputs,
+                                         num_items_in_batch=num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return self.backend.training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        return self.backend.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def _prepare_inputs(self, inputs):
+        return self.backend.prepare_inputs(inputs)
+
+    def compute_loss_context_manager(self):
+        return self.backend.autocast_context()
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return self.backend.decay_parameter_names(model)
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        raise TypeError("backend='jax' builds an optax optimizer from args.optim; no torch optimizer class is used.")
+
+
+def default_hooks(backend: JaxBackend, args: Any, compute_loss_func=None):
+    """TrainerHooks of an unmodified Trainer over `backend` (see DefaultHookOwner)."""
+    from ..hooks import TrainerHooks
+
+    return TrainerHooks(DefaultHookOwner(backend, args, compute_loss_func))

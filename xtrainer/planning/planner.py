@@ -23,7 +23,7 @@ import numpy as np
 
 from ..tpu_presets import TpuPreset, load_preset
 from . import hlo_stats
-from .abstract import PlanningBackend, bytes_per_device, replicated_spec, spec_text
+from .abstract import DefaultHookOwner, PlanningBackend, bytes_per_device, default_hooks, replicated_spec, spec_text
 from .memory import GIB, StepDoesNotFit, StepMemory, compiler_allocations, fit_knobs, is_resource_exhausted
 from .report import PlanReport, TensorPlan
 from .roofline import ChipFigures, estimate
@@ -52,7 +52,7 @@ def batch_signature(batch: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int,
 
 def plan(model: Any, args: Any, tpu_config: str | TpuPreset | None = None, *,
          batch: Mapping[str, tuple[str, tuple[int, ...]]] | None = None, seq_len: int | None = None,
-         compute_loss_func: Callable | None = None, optimizers: tuple = (None, None),
+         compute_loss_func: Callable | None = None, optimizers: tuple = (None, None), hooks: Any = None,
          output_dir: str | None = None, replicated_threshold_bytes: int = 1 << 20,
          raise_if_too_big: bool = True) -> PlanReport:
     """Compiles the train step `Trainer.train()` would run on a TPU preset, and reports on it.
@@ -66,6 +66,8 @@ def plan(model: Any, args: Any, tpu_config: str | TpuPreset | None = None, *,
         batch: name -> (dtype, shape without the batch dim) of one host micro-batch; default a causal-LM batch
             of `seq_len` tokens (see `batch_signature` to read one from real data).
         compute_loss_func, optimizers: as given to the Trainer.
+        hooks: a JAX-backend Trainer's `TrainerHooks` (Trainer.plan passes its own, so an overridden
+            compute_loss is what is compiled); default the hooks of an unmodified Trainer.
         output_dir: where `plan.json` and the compiled HLO go (default `<args.output_dir>/plan/<preset>`);
             "" writes nothing.
         raise_if_too_big: raise StepDoesNotFit when the step needs more than the chip's HBM (else report fits=False).
@@ -82,8 +84,16 @@ def plan(model: Any, args: Any, tpu_config: str | TpuPreset | None = None, *,
     plan_args.tpu_config = preset.path or preset.name
     backend = PlanningBackend(devices)
     start = time.perf_counter()
-    backend.prepare(model, plan_args, compute_loss_func=compute_loss_func)
-    state = backend.init_state(max(int(getattr(args, "max_steps", 0) or 0), 1), optimizers)
+    if hooks is None:
+        hooks = default_hooks(backend, plan_args, compute_loss_func)
+    backend.prepare(model, plan_args, hooks=hooks)
+    owner = getattr(hooks, "_trainer", None)
+    if isinstance(owner, DefaultHookOwner) and owner.label_names is None:
+        owner.label_names = backend.default_label_names()
+    steps = max(int(getattr(args, "max_steps", 0) or 0), 1)
+    optimizer = optimizers[0] if optimizers[0] is not None else backend.create_optimizer(model)
+    scheduler = optimizers[1] if optimizers[1] is not None else backend.create_scheduler(steps, optimizer)
+    state = backend.init_state(steps, optimizer, scheduler)
     example = dict(batch) if batch is not None else causal_lm_batch(seq_len or DEFAULT_SEQ_LEN)
     names = backend.model_input_names()
     if getattr(args, "remove_unused_columns", True) and names is not None:

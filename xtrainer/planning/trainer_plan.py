@@ -22,8 +22,15 @@ def plan_for_trainer(trainer, tpu_config: str | None = None, *, seq_len: int | N
     batch = kwargs.pop("batch", None)
     if batch is None:
         batch = _first_batch_signature(trainer) if seq_len is None else causal_lm_batch(seq_len)
+    # A JAX Trainer's own hooks, so that an overridden compute_loss is what is compiled; another backend's
+    # Trainer is planned with the default hooks (its overrides are torch code for that backend).
+    hooks = trainer.hooks if trainer.backend.name == "jax" else None
+    if hooks is None and trainer.hooks.overrides("compute_loss"):
+        logger.warning("Trainer.plan: this Trainer's compute_loss override is written for backend=%r; the plan "
+                       "compiles the default loss on the jax backend.", trainer.backend.name)
     common = dict(batch=batch, seq_len=seq_len, compute_loss_func=trainer.compute_loss_func,
-                  optimizers=trainer.optimizers, **kwargs)
+                  optimizers=(trainer.optimizer, trainer.lr_scheduler) if hooks is not None else (None, None),
+                  hooks=hooks, **kwargs)
     args = trainer.args
     if find_batch_size:
         def make(size):

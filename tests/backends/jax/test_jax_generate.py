@@ -70,16 +70,17 @@ def test_backend_generate_directly_and_unsupported_kinds(tmp_path):
     _, model = _t5_pair()
     trainer = xtrainer.Seq2SeqTrainer(model=model, args=_args(tmp_path / "t5"), eval_dataset=_rows())
     backend = trainer.backend
-    batch = backend.shard_batch({k: np.stack([r[k] for r in _rows()]) for k in ("input_ids", "attention_mask")})
-    tokens = backend.generate(None, batch, {"max_length": 4})
+    batch = backend.eval_inputs(backend.shard_batch({k: np.stack([r[k] for r in _rows()]) for k in ("input_ids", "attention_mask")}))
+    model = backend.eval_model(None)  # the prepared parameters, as before training
+    tokens = backend.generate(model, batch, {"max_length": 4})
     assert isinstance(tokens, jax.Array) and tokens.shape[0] == 8 and tokens.shape[1] <= 4
     assert (np.asarray(tokens)[:, 0] == 0).all()
     with pytest.raises(ValueError, match="temperature"):
-        backend.generate(None, batch, {"temperature": 0.7})
+        backend.generate(model, batch, {"temperature": 0.7})
 
     init_fn, apply_fn = functional_regressor()
     other = xtrainer.Trainer(model=FunctionalModel(init_fn, apply_fn), args=_args(tmp_path / "fn"),
                              eval_dataset=regression_rows(8))
-    fbatch = other.backend.shard_batch({"input_ids": np.zeros((8, 3), np.int32)})
+    fbatch = other.backend.eval_inputs(other.backend.shard_batch({"input_ids": np.zeros((8, 3), np.int32)}))
     with pytest.raises(NotImplementedError, match="functional.*supported: Flax NNX encoder-decoder"):
-        other.backend.generate(None, fbatch, {})
+        other.backend.generate(other.backend.eval_model(None), fbatch, {})

@@ -166,3 +166,41 @@ def test_corrupt_or_foreign_checkpoint_errors_name_the_problem(tmp_path):
         trainer.train(resume_from_checkpoint=str(ckpt_dir))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "missing"))
+
+
+class _OrderRecorder(torch.nn.Module):
+    """Appends the index of every example it sees to a buffer that grows, so a checkpoint's buffer
+    has another shape than a fresh model's; its own load_state_dict resizes the buffer first."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 1)
+        self.seen = torch.nn.Buffer(torch.empty(0, dtype=torch.long))
+
+    def forward(self, input_x, index, labels=None):
+        if self.training:
+            self.seen = torch.cat([self.seen, index.long()])
+        y = self.fc(torch.stack([input_x, input_x * input_x], dim=-1)).squeeze(-1)
+        return (torch.nn.functional.mse_loss(y, labels), y)
+
+    def load_state_dict(self, state_dict, strict=True):
+        if "seen" in state_dict:
+            self.seen = torch.empty_like(state_dict["seen"])
+        return super().load_state_dict(state_dict, strict)
+
+
+def test_a_model_with_its_own_load_state_dict_resumes_with_the_same_data_order(tmp_path):
+    data = [{**row, "index": i} for i, row in enumerate(regression_data(24))]
+    args = xtrainer.TrainingArguments(str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, save_steps=4,
+                                      report_to="none", backend="torch", train_sampling_strategy="random")
+    torch.manual_seed(0)
+    full = xtrainer.Trainer(model=_OrderRecorder(), args=args, train_dataset=data)
+    full.train()
+    order = full.model.seen.tolist()
+    assert sorted(order) == sorted(list(range(24)) * 2)
+
+    torch.manual_seed(0)
+    resumed = xtrainer.Trainer(model=_OrderRecorder(), args=args, train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))  # mid-epoch 2 (6 steps per epoch)
+    assert resumed.model.seen.tolist() == order  # the buffer came back at its saved length, then grew alike
+    _assert_same_weights(full.model, resumed.model, atol=1e-6)

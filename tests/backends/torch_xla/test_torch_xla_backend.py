@@ -318,7 +318,7 @@ def test_recompilation_guard_warns_by_default(tmp_path):
     backend = trainer.backend
     assert backend.options == XlaOptions()  # pad, pow2 buckets, 8 graphs, warn
     backend.options = XlaOptions(max_graphs=1)
-    backend.init_state(1)
+    backend.init_state(1, backend.create_optimizer(backend.optimizer_target()), None)
 
     def signature(rows, ready):
         return ((batch_signature({"input_x": np.zeros(rows, np.float32), "labels": np.zeros(rows, np.float32)}),), False, ready)

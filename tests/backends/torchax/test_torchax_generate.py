@@ -43,10 +43,10 @@ def test_generate_hands_current_weights_back_to_the_torch_module(tmp_path):
     trainer = xtrainer.Seq2SeqTrainer(model=model, args=_args(tmp_path), eval_dataset=_rows())
     backend = trainer.backend
     host = {k: np.array([r[k] for r in _rows()]) for k in ("input_ids", "attention_mask")}
-    batch = backend.shard_batch(host)
+    batch = backend.eval_inputs(backend.shard_batch(host))
     # A state whose weights differ from the module's: generate must use these, not the module's own.
     changed = jax.tree.map(lambda p: p * 1.5, backend.params)
-    tokens = backend.generate({"params": changed, "extra": backend.extra}, batch, {"max_new_tokens": 5})
+    tokens = backend.generate(backend.eval_model({"params": changed, "extra": backend.extra}), batch, {"max_new_tokens": 5})
     assert isinstance(tokens, jax.Array) and int(tokens[0, 0]) == 0
     for name, value in changed.items():
         np.testing.assert_allclose(model.get_parameter(name).detach().numpy(), np.asarray(value), rtol=1e-6)

@@ -7,6 +7,7 @@ statistics), and applies it as a pure function: (params, extra, inputs, rng, tra
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -46,13 +47,28 @@ def _mode_kwargs(modes: set[str], train: bool) -> dict:
     return kwargs
 
 
+class JaxUserView:
+    """Adapters whose users work in jax arrays: hooks see the same arrays the step uses."""
+
+    user_is_jax = True
+
+    def to_user(self, tree):
+        return tree
+
+    def from_user(self, tree):
+        return tree
+
+    def user_context(self):
+        return contextlib.nullcontext()
+
+
 def _select(inputs: Mapping, names: list[str] | None) -> dict:
     if names is None:
         return dict(inputs)
     return {k: v for k, v in inputs.items() if k in names}
 
 
-class NnxAdapter:
+class NnxAdapter(JaxUserView):
     """A flax.nnx.Module: params are its nnx.Param variables; extra is everything else (RNG counts...)."""
 
     kind = "nnx"
@@ -102,6 +118,15 @@ class NnxAdapter:
         self.nnx.update(self.model, params, extra)
         return self.model
 
+    @property
+    def user_model(self):
+        return self.model
+
+    def read_params(self):
+        """(params, extra) as the model object holds them now (after a user loaded weights into it)."""
+        _, variables, extra = self.nnx.split(self.model, self.nnx.Param, ...)
+        return _pure_dict(variables), _pure_dict(extra)
+
 
 def _pure_dict(state) -> dict:
     """An nnx State as nested dicts of arrays (flax 0.12 has nnx.to_pure_dict, 0.11 State.to_pure_dict)."""
@@ -133,7 +158,7 @@ def _flat_variables(state):
     return [(".".join(str(k) for k in path), var) for path, var in flat]
 
 
-class LinenAdapter:
+class LinenAdapter(JaxUserView):
     """A flax.linen Module with its variables: params are variables["params"], extra the rest."""
 
     kind = "linen"
@@ -173,8 +198,16 @@ class LinenAdapter:
         self.wrapped.variables = {"params": params, **extra}
         return self.wrapped
 
+    @property
+    def user_model(self):
+        return self.wrapped.module
 
-class FunctionalAdapter:
+    def read_params(self):
+        variables = dict(self.wrapped.variables)
+        return variables.pop("params"), variables
+
+
+class FunctionalAdapter(JaxUserView):
     """A FunctionalModel: params from init_fn (or given), no extra state."""
 
     kind = "functional"
@@ -199,6 +232,13 @@ class FunctionalAdapter:
     def write_back(self, params, extra) -> Any:
         self.wrapped.params = params
         return self.wrapped
+
+    @property
+    def user_model(self):
+        return self.wrapped
+
+    def read_params(self):
+        return self.wrapped.params, {}
 
 
 def make_adapter(model, seed: int = 0):

@@ -19,16 +19,39 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ...activation_sharding import under_mesh
+from ...hooks import refuse_overrides
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
 from . import multihost, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
-from .optim import build_optimizer
-from .step import StepConfig, init_nan_counters, make_eval_step, make_train_step
+from .optim import build_optimizer, decay_mask
+from .bound_model import BoundModel
+from .lr_schedule import LrSchedule
+from .step import (StepConfig, default_compute_loss, find_injected_learning_rate, init_nan_counters, make_eval_step,
+                   make_train_step)
 
 logger = logging.getLogger(__name__)
+
+
+# Hooks that need eager control of a step that jax compiles as one program (name -> why, and what to do).
+_UNSUPPORTED_HOOKS = {
+    "training_step": "the jax backend compiles forward, backward and update as one program, so a training_step "
+                     "with its own backward pass cannot run; override compute_loss (traced into the step) instead",
+    "compute_loss_context_manager": "a context manager would only run while the step is traced, not at each step; "
+                                    "use bf16=True / fp16=True for mixed precision, or put the logic in compute_loss",
+    "autocast_smart_context_manager": "autocast is a torch feature; on jax use bf16=True / fp16=True for mixed precision",
+    "get_optimizer_cls_and_kwargs": "it returns a torch optimizer class; on jax override create_optimizer to return an "
+                                    "optax GradientTransformation",
+}
+
+
+class DeviceInputs(dict):
+    """An evaluation batch as a user's prediction_step sees it (a dict of the user's tensors), with the
+    host batch it came from."""
+
+    host: Mapping[str, np.ndarray] = {}
 
 
 class DeviceBatch(NamedTuple):
@@ -65,16 +88,26 @@ class JaxBackend:
         self.compile_seconds: list[float] = []
         self._last_compiled = None  # the train step that ran last (its cost analysis gives step_flops)
         self._scalar_cache: dict = {}  # host scalar bytes -> replicated device array (see _replicate)
+        self._namespace = None  # multi-host: this backend's keys in the coordination service
 
     # ------------------------------------------------------------------ setup
 
-    def prepare(self, model: Any, args: Any, *, compute_loss_func: Any = None) -> Any:
-        multihost.initialize_from_env()
+    def prepare(self, model: Any, args: Any, *, hooks: Any) -> Any:
+        reasons = dict(_UNSUPPORTED_HOOKS)
+        if hooks.overrides("create_optimizer"):  # then get_optimizer_cls_and_kwargs is not consulted
+            reasons.pop("get_optimizer_cls_and_kwargs")
+        refuse_overrides(hooks, "jax", reasons)
+        if hooks.explicit_optimizer_cls_and_kwargs is not None:
+            raise TypeError(
+                "optimizer_cls_and_kwargs names a torch optimizer class, which backend='jax' cannot run; pass "
+                "optimizers=(optax_transformation, None), or set args.optim."
+            )
+        multihost.initialize_from_env(args)
         if getattr(args, "jax_compilation_cache_dir", None):
             jax.config.update("jax_compilation_cache_dir", args.jax_compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.args = args
-        self.compute_loss_func = compute_loss_func
+        self.hooks = hooks
         devices = self.devices or jax.devices()
         self.model = model
         self.adapter = make_adapter(model, seed=args.seed)
@@ -98,6 +131,8 @@ class JaxBackend:
         self.mesh_config = MeshConfig.resolve(mesh_spec, len(devices))
         self.mesh = build_mesh(self.mesh_config, devices)
         self.num_processes, self.process_index = jax.process_count(), jax.process_index()
+        if self.num_processes > 1 and self._namespace is None:
+            self._namespace = multihost.namespace()
         if self.mesh_config.batch_devices % self.num_processes:
             raise ValueError(
                 f"The batch axes (data x fsdp = {self.mesh_config.batch_devices}) must split evenly over "
@@ -121,6 +156,7 @@ class JaxBackend:
         self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
         self._host_step = 0
         self._plateau = None
+        self.lr_schedule = None  # the run's schedule, set by init_state
         return model
 
     def model_input_names(self) -> list[str] | None:
@@ -141,30 +177,101 @@ class JaxBackend:
             shifts = type(self.model).__name__.endswith("ForCausalLM")
         return True, bool(shifts)
 
-    def _step_config(self, num_training_steps: int) -> StepConfig:
+    @property
+    def model_accepts_loss_kwargs(self) -> bool:
+        return bool(self.adapter.accepts_num_items)
+
+    can_return_loss = False
+
+    @property
+    def looks_up_token_ids(self) -> bool:
+        """Whether input_ids feed an embedding lookup: a torch model's input embeddings (torchax), or a model
+        taking input_ids (Flax models index their embedding tables with them)."""
+        if self.adapter.kind == "torchax":
+            from ..torch.backend import _has_input_embeddings
+
+            return _has_input_embeddings(self.model)
+        names = self.adapter.input_names
+        return names is not None and "input_ids" in names
+
+    @property
+    def is_fsdp_enabled(self) -> bool:
+        return self.mesh_config.fsdp > 1
+
+    # ------------------------------------------------------------------ optimizer and schedule
+
+    def wrap_for_training(self) -> Any:
+        return self.model  # sharding is the mesh's business: there is no wrapper
+
+    def optimizer_target(self) -> Any:
+        return self.model
+
+    def decay_parameter_names(self, model) -> list[str]:
+        """Parameter paths (dotted; torch names for torch modules) that weight decay applies to."""
+        mask = decay_mask(self.adapter.params)
+        flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+        return [_path_str(path) for path, decays in flat if decays]
+
+    def create_optimizer(self, model) -> Any:
+        """The optax optimizer for args.optim with an injectable learning rate; weight decay follows the
+        (overridable) get_decay_parameter_names."""
+        mask = None
+        if self.hooks.overrides("get_decay_parameter_names"):
+            names = set(self.hooks.get_decay_parameter_names(model))
+            mask = jax.tree_util.tree_map_with_path(lambda path, _: _path_str(path) in names, self.adapter.params)
+        return build_optimizer(self.args) if mask is None else build_optimizer(self.args, mask=mask)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any) -> LrSchedule:
         args = self.args
-        self._plateau = plateau_from_args(args)
-        schedule = schedule_from_args(args, num_training_steps)
-        return StepConfig(
-            learning_rate=args.learning_rate,
-            schedule=schedule,
+        return LrSchedule(args.learning_rate, schedule_from_args(args, num_training_steps), plateau_from_args(args))
+
+    def init_state(self, num_training_steps: int, optimizer: Any, scheduler: Any) -> dict:
+        args = self.args
+        if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
+            raise TypeError(
+                f"backend='jax' needs an optax GradientTransformation as the optimizer; got {type(optimizer).__name__}. "
+                "Pass optimizers=(optax.adamw(...), None) or override create_optimizer to return one."
+            )
+        if not callable(scheduler):
+            raise TypeError(
+                f"backend='jax' needs the lr scheduler to be a callable step -> learning rate; got {type(scheduler).__name__}."
+            )
+        self.tx, self.lr_schedule = optimizer, scheduler
+        self._plateau = getattr(scheduler, "plateau", None)
+        opt_state = self._init_opt_state(self.params)
+        injected = find_injected_learning_rate(opt_state)
+        update_scale = None
+        if not injected:
+            if not isinstance(scheduler, LrSchedule):
+                raise ValueError(
+                    "This optax optimizer has a fixed learning rate, so the given schedule cannot set it. Build the "
+                    "optimizer with an injectable rate, e.g. optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), "
+                    "or put the schedule inside it (optax.adamw(learning_rate=schedule)) and pass optimizers=(tx, None)."
+                )
+            # transformers' LambdaLR over a user's optimizer: its own rate times the schedule's multiplier.
+            update_scale = scheduler.multiplier
+            logger.warning(
+                "The optax optimizer passed to the Trainer has a fixed learning rate: its updates are scaled by the "
+                "lr_scheduler_type=%r multiplier, and the logged learning_rate is that multiplier times "
+                "args.learning_rate (%g).", getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+                args.learning_rate,
+            )
+        self.config = StepConfig(
+            lr_schedule=scheduler,
+            lr_injected=injected,
+            update_scale=update_scale,
             max_grad_norm=args.max_grad_norm,
             compute_dtype=self.compute_dtype,
             loss_scaling=bool(args.fp16),
             remat=bool(args.activation_checkpointing),
             nan_policy=getattr(args, "nan_policy", "ignore"),
         )
-
-    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> dict:
-        self.config = self._step_config(num_training_steps)
-        self.tx = optimizers[0] if optimizers[0] is not None else build_optimizer(self.args)
-        opt_state = self._init_opt_state(self.params)
         state = {
             "step": jnp.zeros((), jnp.int32),
             "params": self.params,
             "opt_state": opt_state,
             "extra": self.extra,
-            "rng": jax.random.PRNGKey(self.args.seed),
+            "rng": jax.random.PRNGKey(args.seed),
             "lr_scale": jnp.ones((), jnp.float32),
         }
         if self.config.loss_scaling:
@@ -179,6 +286,7 @@ class JaxBackend:
         state = self._globalize(state, self.state_shardings)
         self._host_step = 0
         self._compiled = {}
+        self._eval_fns = {}
         return state
 
     def _init_opt_state(self, params):
@@ -202,6 +310,56 @@ class JaxBackend:
         return optax.tree_map_params(
             self.tx, lambda moment, sharding, param: sharding if moment.shape == param.shape else self.replicated,
             shapes, self.param_shardings, params, transform_non_params=lambda _: self.replicated)
+
+    def _learning_rate_at(self, step: int) -> float:
+        """The learning rate of `step` on the host (what the logs report); args.learning_rate before a run
+        has its schedule (as a torch optimizer's groups hold their initial rate)."""
+        schedule = getattr(self, "lr_schedule", None)
+        if schedule is None:
+            return float(self.args.learning_rate)
+        scale = self._plateau.multiplier if self._plateau is not None else 1.0
+        return float(schedule(step)) * float(scale)
+
+    def num_trainable_parameters(self) -> int:
+        return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(self.params)))
+
+    def end(self) -> None:
+        """Leaves jax.distributed (transformers' Trainer.end ends its process group)."""
+        if self.num_processes > 1:
+            jax.distributed.shutdown()
+
+    def learning_rates(self, optimizer) -> list[float]:
+        return [self._learning_rate_at(self._host_step)]
+
+    def optimizer_group(self, optimizer, param=None):
+        """optax has no parameter groups: one group holding every parameter and the current rate."""
+        group = {"params": self.params, "lr": self._learning_rate_at(self._host_step),
+                 "weight_decay": self.args.weight_decay}
+        return group if param is not None else [group["params"]]
+
+    # ------------------------------------------------------------------ the Trainer's default hooks
+
+    def autocast_context(self, cache_enabled=True):
+        import contextlib
+
+        return contextlib.nullcontext()  # mixed precision is the compute dtype of the compiled step
+
+    def prepare_inputs(self, inputs: Any) -> Any:
+        return inputs  # batches are placed on the mesh before the step (shard_window / shard_batch)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        if not isinstance(model, BoundModel):
+            raise TypeError(
+                "On backend='jax', compute_loss runs inside the compiled train/eval step, where `model` is the model "
+                "bound to the step's parameters; it cannot be called with a bare model."
+            )
+        return default_compute_loss(self.adapter, self.hooks, model, inputs, return_outputs, num_items_in_batch)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        raise RuntimeError(
+            "backend='jax' has no per-micro-batch training_step: forward, backward and update run as one compiled "
+            "step inside Trainer.train(); customise the loss with compute_loss."
+        )
 
     # ------------------------------------------------------------------ data placement
 
@@ -320,7 +478,7 @@ class JaxBackend:
     def jit_train_step(self, batch_shardings: dict, with_items: bool):
         """The train step exactly as train() compiles it: jitted with its shardings and state donation,
         not yet lowered. `xtrainer plan` lowers the same function with abstract arrays for a TPU topology."""
-        fn = make_train_step(self.adapter, self.tx, self.config, self.compute_loss_func, with_num_items=with_items)
+        fn = make_train_step(self.adapter, self.tx, self.config, self.hooks, with_num_items=with_items)
         return jax.jit(
             under_mesh(fn, self.mesh),  # models keep activations split along the batch (activation_sharding.py)
             in_shardings=(self.state_shardings, batch_shardings, self.replicated, self.replicated),
@@ -340,39 +498,83 @@ class JaxBackend:
             events.substep_end()
         events.pre_optimizer_step()
         events.optimizer_step()
-        multiplier = self.config.schedule(self._host_step)
-        if self._plateau is not None:
-            multiplier = self._plateau.multiplier
-        learning_rate = float(self.args.learning_rate * multiplier)
+        learning_rate = self._learning_rate_at(self._host_step)
         self._host_step += 1
         return state, StepMetrics(loss=metrics["loss"], grad_norm=metrics["grad_norm"], learning_rate=learning_rate,
                                   nonfinite=metrics.get("nan"))
 
-    def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_model(self, state) -> BoundModel:
+        """The model prediction_step receives: bound to the current parameters, in evaluation mode."""
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
-        has_labels = bool(label_names) and all(k in batch.arrays for k in label_names)
-        with_items = num_items_in_batch is not None and has_labels
-        key = (has_labels, with_items)
+        apply = self._eager_apply()
+        return BoundModel(self.adapter, params, extra, jax.random.key(0), False, apply=apply)
+
+    def _eager_apply(self):
+        # A user's prediction_step calls the model outside any jit: compile its forward once per shape.
+        cached = getattr(self, "_jitted_eval_apply", None)
+        if cached is None:
+            adapter = self.adapter
+            cached = self._jitted_eval_apply = jax.jit(
+                lambda params, extra, inputs, rng, train: adapter.apply(params, extra, inputs, rng, False),
+                static_argnums=(4,),
+            )
+        return cached
+
+    def eval_inputs(self, batch: DeviceBatch) -> DeviceInputs:
+        inputs = DeviceInputs(self.adapter.to_user(dict(batch.arrays)))
+        inputs.host = batch.host
+        return inputs
+
+    def trim_padding(self, output, batch):
+        return output  # evaluation batches are never padded here
+
+    def metrics_view(self, tree: Any) -> Any:
+        """Eval outputs as preprocess_logits_for_metrics / batch_eval_metrics receive them: jax arrays for Flax
+        models; CPU torch tensors for a torch model (its metrics code is torch code)."""
+        if self.adapter.user_is_jax or tree is None:
+            return tree
+        import torch
+
+        tree = self.adapter.from_user(tree) if _holds_torch(tree) else tree
+        return jax.tree.map(lambda x: torch.from_numpy(np.asarray(jax.device_get(x))), tree)
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None, count_items: bool = True):
+        """The Trainer's default prediction_step: the compiled eval step on the model's bound parameters."""
+        if not isinstance(model, BoundModel):
+            raise TypeError("On backend='jax', prediction_step gets the model bound to the current parameters.")
+        arrays = self.adapter.from_user(dict(inputs))
+        label_names = self.hooks.label_names
+        has_labels = bool(label_names) and all(arrays.get(k) is not None for k in label_names)
+        counts, shifts = self.counts_label_items()
+        if ignore_keys is None:
+            config = getattr(self.adapter.user_model, "config", None)
+            ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["cache"]) or []) if config is not None else []
+        key = (has_labels, counts and count_items and has_labels, bool(shifts), tuple(ignore_keys))
         fn = self._eval_fns.get(key)
         if fn is None:
-            config = getattr(self, "config", None) or StepConfig(learning_rate=0.0, schedule=lambda s: 1.0,
-                                                                  compute_dtype=self.compute_dtype)
-            fn = jax.jit(under_mesh(make_eval_step(self.adapter, config, self.compute_loss_func, has_labels, with_items),
+            config = getattr(self, "config", None) or StepConfig(lr_schedule=lambda s: 0.0, compute_dtype=self.compute_dtype)
+            # Activations stay split along the batch, as in the train step (activation_sharding.py).
+            fn = jax.jit(under_mesh(make_eval_step(self.adapter, config, self.hooks, has_labels=key[0],
+                                                   count_items=key[1], shifts_labels=key[2], ignore_keys=key[3]),
                                     self.mesh))
             self._eval_fns[key] = fn
-        loss, logits = fn(params, extra, batch.arrays, self._replicate(np.float32(num_items_in_batch or 0), reuse=True))
+        loss, logits = fn(model._xt_params, model._xt_extra, arrays)
         labels = None
         if has_labels:
-            found = tuple(batch.host[name] for name in label_names)
+            found = tuple(arrays[name] for name in label_names)
             labels = found[0] if len(found) == 1 else found
         if prediction_loss_only:
             return EvalOutput(loss, None, None)
         return EvalOutput(loss, logits, labels)
 
-    def generate(self, state, batch, gen_kwargs: dict) -> Any:
+    def generate(self, model, inputs, gen_kwargs: dict) -> Any:
         """Generated ids [batch, len] as HF's `model.generate` returns them (see jax/generation.py)."""
         from .generation import generate_batch
 
+        state = {"params": model._xt_params, "extra": model._xt_extra}
+        batch = DeviceBatch(self.adapter.from_user(dict(inputs)), getattr(inputs, "host", {}))
         return generate_batch(self, state, batch, gen_kwargs)
 
     def step_flops(self) -> float | None:
@@ -392,6 +594,8 @@ class JaxBackend:
         return flops.peak_flops(self.mesh.devices.flat)
 
     def to_host(self, tree: Any) -> Any:
+        if not self.adapter.user_is_jax and _holds_torch(tree):  # torch tensors from a user's torch code
+            tree = jax.tree.map(_torch_to_host, tree, is_leaf=lambda x: type(x).__module__.startswith("torch"))
         return jax.device_get(tree)
 
     def repeat_scalar(self, value, times: int):
@@ -412,23 +616,80 @@ class JaxBackend:
 
     # ------------------------------------------------------------------ state I/O
 
+    #: One orbax state holds the weights with the optimizer state; a checkpoint has no separate model files.
+    weights_restored_with_state = True
+
+    @property
+    def model_files_in_checkpoints(self) -> bool:
+        """A torch model (through torchax) also gets its model files in every checkpoint, as transformers writes
+        them (model.safetensors, config.json); a Flax model's weights are in the orbax state only."""
+        return self.adapter.kind == "torchax"
+
     def save(self, state, directory: str, *, save_only_model: bool = False) -> None:
+        self.save_async(state, directory, save_only_model=save_only_model)()
+
+    def save_async(self, state, directory: str, *, save_only_model: bool = False, outcome_tag: str | None = None,
+                   background: bool = True):
+        """Starts an orbax save (host copies made before it returns); returns the function that waits for it.
+
+        Orbax always writes from host copies, so `background` changes nothing here.
+
+        Several processes: `outcome_tag` is where checkpoint_writer posts each process's outcome
+        with `exchange`; orbax's barriers watch it, so a write that fails on one process stops the
+        others' waits at once (multihost.failure_aware_barrier).
+        """
         if save_only_model:
             state = {"params": state["params"], "extra": state["extra"]}
-        state_io.save_state(_without_run_counters(state), directory)
+        barrier, timeout = None, None
+        if self.num_processes > 1:
+            timeout = self._peer_timeout()
+            if outcome_tag is not None:
+                barrier = multihost.failure_aware_barrier(self._key(outcome_tag), _peer_save_failed)
+        return state_io.start_save(_without_run_counters(state), directory, barrier_sync_fn=barrier, timeout_s=timeout)
 
-    def restore(self, state, directory: str):
+    def _peer_timeout(self) -> float:
+        return float(getattr(self.args, "ddp_timeout", None) or 1800)
+
+    def _key(self, tag: str) -> str:
+        return f"{self._namespace}/{tag}"
+
+    def exchange(self, tag: str, value) -> list:
+        """Every process's `value` (JSON-able), in process order; may run in a background thread."""
+        if self.num_processes == 1:
+            return [value]
+        return multihost.exchange(self._key(tag), value, self._peer_timeout())
+
+    def forget(self, tag: str) -> None:
+        """Drops the exchange keys under `tag` (every process has read them)."""
+        if self.num_processes > 1 and self.process_index == 0:
+            multihost.forget(self._key(tag))
+
+    def restore(self, state, directory: str, *, include_model: bool = True):
         restored = state_io.restore_state(_without_run_counters(state), directory)
+        if not include_model:
+            restored["params"], restored["extra"] = state["params"], state["extra"]
         if "nan" in state:  # the non-finite counters belong to this run, not to the checkpoint
             restored["nan"] = state["nan"]
         self._host_step = int(jax.device_get(restored["step"]))
         return restored
 
+    def adopt_model_weights(self, state):
+        """The state with the weights the user's model object holds now (a user's _load_from_checkpoint
+        loaded them into it), placed with the parameters' shardings."""
+        params, extra = self.adapter.read_params()
+        state = dict(state)
+        state["params"] = self._globalize(params, self.param_shardings)
+        state["extra"] = self._globalize(extra, self.replicated)
+        return state
+
     def load_model_weights(self, state, directory: str) -> None:
         restored = state_io.restore_state(_without_run_counters(state), directory)
         state["params"], state["extra"] = restored["params"], restored["extra"]
 
-    def export_model(self, state, directory: str) -> None:
+    def model_state_for_save(self, state, copy: bool = False) -> None:
+        return None  # the main process reads the (replicated or addressable) weights itself in export_model
+
+    def export_model(self, state, directory: str, state_dict=None) -> None:
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
         if self.process_index == 0:
             state_io.export_params(self.adapter, params, extra, directory)
@@ -439,16 +700,22 @@ class JaxBackend:
 
     @property
     def native_preemption_notice(self) -> bool:
-        """True on multi-host runs with JAX's preemption service: it catches SIGTERM itself."""
+        """True on multi-host runs with JAX's preemption service, which agrees on the step to stop at."""
         return self.num_processes > 1 and multihost.preemption_service_running()
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+    def announce_preemption(self) -> None:
+        """Called by the SIGTERM handler: tells every host's preemption service now (multihost.py)."""
+        multihost.announce_preemption()
+
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         if self.native_preemption_notice:
             # Every host calls this after every step; once any host got SIGTERM, all of them
-            # return True at the same agreed step, so they save the same checkpoint.
+            # return True at the same agreed step, so they save the same checkpoint. The sync point
+            # is the step after the fastest host's last call, so a notice that comes during the
+            # last step is found by asking for the step after it.
             from jax.experimental import multihost_utils
 
-            return bool(multihost_utils.reached_preemption_sync_point(step))
+            return bool(multihost_utils.reached_preemption_sync_point(step + 1 if final else step))
         return local_flag
 
     def barrier(self) -> None:
@@ -461,6 +728,29 @@ class JaxBackend:
 def has_abstract_leaves(tree) -> bool:
     """Whether any leaf is a jax.ShapeDtypeStruct (a model built without weights)."""
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
+
+
+def _torch_to_host(x):
+    """A torch tensor (a torchax view of a jax array, or an ordinary CPU tensor) as a host array."""
+    if not type(x).__module__.startswith("torch"):
+        return x
+    try:
+        from torchax import interop
+
+        return np.asarray(jax.device_get(interop.jax_view(x)))
+    except Exception:  # an ordinary torch tensor
+        return x.detach().cpu().numpy()
+
+
+def _holds_torch(tree) -> bool:
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: type(x).__module__.startswith("torch"))
+    return any(type(x).__module__.startswith("torch") for x in leaves)
+
+
+def _peer_save_failed(rank: int, report: dict) -> Exception:
+    from ...checkpoint import PeerSaveFailed
+
+    return PeerSaveFailed(f"process {rank} failed to write its part of the checkpoint: {report.get('error')}")
 
 
 def _without_run_counters(state: dict) -> dict:

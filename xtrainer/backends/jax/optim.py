@@ -38,20 +38,22 @@ def _parse_optim_args(text: str | None) -> dict[str, str]:
     return dict(item.split("=", 1) for item in text.replace(" ", "").split(",") if item)
 
 
-def build_optimizer(args) -> optax.GradientTransformation:
+def build_optimizer(args, mask=None) -> optax.GradientTransformation:
     """The optax optimizer for args.optim, with `learning_rate` injectable (set by the train step).
 
     adamw* -> optax.adamw (decoupled decay, as torch.optim.AdamW); sgd/adagrad/rmsprop -> their
     optax forms with coupled L2 decay (as torch's weight_decay); adafactor -> optax.adafactor;
-    lion -> optax.lion.
+    lion -> optax.lion. `mask` (a pytree of bools like the params, or a function of them) says which
+    parameters weight decay applies to; by default not biases nor normalisation weights.
     """
+    decay_where = decay_mask if mask is None else mask
     name = OptimizerNames(getattr(args.optim, "value", args.optim))
     wd = args.weight_decay
     extra = _parse_optim_args(getattr(args, "optim_args", None))
 
     def with_l2(opt_fn):
         def make(learning_rate):
-            parts = [optax.add_decayed_weights(wd, mask=decay_mask)] if wd else []
+            parts = [optax.add_decayed_weights(wd, mask=decay_where)] if wd else []
             return optax.chain(*parts, opt_fn(learning_rate))
 
         return make
@@ -59,7 +61,7 @@ def build_optimizer(args) -> optax.GradientTransformation:
     if name in (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED, OptimizerNames.ADAMW):
         def make(learning_rate):
             return optax.adamw(learning_rate, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon,
-                               weight_decay=wd, mask=decay_mask)
+                               weight_decay=wd, mask=decay_where)
     elif name is OptimizerNames.SGD:
         momentum = float(extra["momentum"]) if "momentum" in extra else None
         nesterov = extra.get("nesterov", "false").lower() in ("true", "1", "yes")
@@ -74,7 +76,7 @@ def build_optimizer(args) -> optax.GradientTransformation:
         make = with_l2(lambda lr: optax.adafactor(lr, multiply_by_parameter_scale=False))
     elif name in (OptimizerNames.LION, OptimizerNames.LION_SHORT):
         def make(learning_rate):
-            return optax.lion(learning_rate, b1=args.adam_beta1, b2=args.adam_beta2, weight_decay=wd, mask=decay_mask)
+            return optax.lion(learning_rate, b1=args.adam_beta1, b2=args.adam_beta2, weight_decay=wd, mask=decay_where)
     else:  # pragma: no cover - OptimizerNames is closed
         raise ValueError(f"optim={name.value!r} has no optax implementation.")
     return optax.inject_hyperparams(make)(learning_rate=args.learning_rate)

@@ -13,20 +13,50 @@ import os
 import jax
 import numpy as np
 
+from ...checkpoint import writing
+
 STATE_DIR = "jax_state"
 FLAX_WEIGHTS_NAME = "flax_model.msgpack"
 
 
 def save_state(state: dict, directory: str) -> None:
     """Writes the state with orbax and waits for it (the caller publishes the directory afterwards)."""
+    start_save(state, directory)()
+
+
+def start_save(state: dict, directory: str, *, barrier_sync_fn=None, timeout_s: float | None = None):
+    """Starts an orbax save of the state; returns the function that waits for it to be on disk.
+
+    Orbax copies the arrays to host memory before this returns (so the next step may donate and
+    overwrite them) and writes the files in its own background thread; the returned function
+    joins it and raises its error. Several processes: `barrier_sync_fn` replaces orbax's barrier
+    between them (multihost.failure_aware_barrier), `timeout_s` bounds each wait.
+    """
     import orbax.checkpoint as ocp
 
-    checkpointer = ocp.StandardCheckpointer()
+    options = {}
+    if barrier_sync_fn is not None or timeout_s:
+        defaults = ocp.options.AsyncOptions()
+        options["async_options"] = ocp.options.AsyncOptions(
+            timeout_secs=int(timeout_s or defaults.timeout_secs), barrier_sync_fn=barrier_sync_fn
+        )
+    checkpointer = ocp.StandardCheckpointer(**options)
+    path = os.path.abspath(os.path.join(directory, STATE_DIR))
     try:
-        checkpointer.save(os.path.abspath(os.path.join(directory, STATE_DIR)), state)
-        checkpointer.wait_until_finished()
-    finally:  # also on a failed write (full disk): no background thread outlives the save
+        with writing(path):
+            checkpointer.save(path, state)
+    except BaseException:
         checkpointer.close()
+        raise
+
+    def finish() -> None:
+        try:
+            with writing(path):
+                checkpointer.wait_until_finished()
+        finally:  # also on a failed write (full disk): no background thread outlives the save
+            checkpointer.close()
+
+    return finish
 
 
 def restore_state(state: dict, directory: str) -> dict:

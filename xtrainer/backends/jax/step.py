@@ -21,10 +21,18 @@ _FP16_GROWTH_INTERVAL = 2000  # steps without overflow before the fp16 loss scal
 
 @dataclass(frozen=True)
 class StepConfig:
-    """Static settings baked into the compiled steps."""
+    """Static settings baked into the compiled steps.
 
-    learning_rate: float
-    schedule: Callable  # step -> lr multiplier (xtrainer.schedules)
+    The learning rate of step s is `lr_schedule(s) * lr_scale` (lr_scale: the state's metric-driven
+    factor, reduce_lr_on_plateau). With `lr_injected` it is written into the optimizer's injected
+    `learning_rate` hyperparameter; otherwise (an optax optimizer with its own fixed rate, passed by the
+    user) the optimizer's updates are scaled by `update_scale(s) * lr_scale`, as torch's LambdaLR scales
+    an optimizer's own rate.
+    """
+
+    lr_schedule: Callable  # step -> learning rate (the Trainer's lr_scheduler on jax)
+    lr_injected: bool = True
+    update_scale: Callable | None = None  # step -> multiplier of the updates when the lr is not injected
     max_grad_norm: float = 1.0
     compute_dtype: Any = None  # jnp.bfloat16 / jnp.float16 for mixed precision, else None
     loss_scaling: bool = False  # dynamic loss scaling (fp16)
@@ -140,52 +148,138 @@ def default_loss(logits, labels, num_items):
     return jnp.mean((predictions - labels.astype(jnp.float32)) ** 2)
 
 
-def make_loss_fn(adapter, config: StepConfig, compute_loss_func: Callable | None, train: bool, trace_info=None):
-    """(params, extra, batch, rng, num_items) -> (loss, (outputs, new_extra)).
+def make_loss_fn(adapter, config: StepConfig, hooks, train: bool, trace_info=None):
+    """(params, extra, batch, rng, num_items) -> (loss, (outputs or None, new_extra)).
+
+    The loss comes from the Trainer's (overridable) `compute_loss`, traced here: it gets the model bound
+    to `params` and the batch in the user's tensor type (see bound_model.py). In training it is called
+    without outputs, in evaluation with `return_outputs=True`, as transformers does.
 
     `trace_info["normalized"]` records, while tracing, whether the loss is already divided by the
     window's num_items (HF's `loss_is_scaled_for_ga`): then micro-batch losses are summed, otherwise
     they are averaged over the window.
     """
+    from .bound_model import BoundModel
+
     trace_info = {} if trace_info is None else trace_info
+    prepares_inputs = hooks.overrides("_prepare_inputs") or hooks.overrides("_prepare_input")
 
     def loss_fn(params, extra, batch, rng, num_items):
-        inputs = dict(batch)
-        labels = inputs.get("labels")
-        if compute_loss_func is not None:
-            inputs.pop("labels", None)
-        elif adapter.accepts_num_items and num_items is not None:
-            inputs["num_items_in_batch"] = num_items
         apply = adapter.apply
         if config.remat and train:
             apply = jax.checkpoint(adapter.apply, static_argnums=(4,))
-        outputs, new_extra = apply(
-            _cast_floats(params, config.compute_dtype), extra, _cast_floats(inputs, config.compute_dtype), rng, train
-        )
-        if compute_loss_func is not None:
-            loss = compute_loss_func(outputs, labels, num_items_in_batch=num_items)
-            trace_info["normalized"] = True
-        else:
-            loss, logits = split_outputs(outputs)
-            trace_info["normalized"] = num_items is not None and (loss is None or adapter.accepts_num_items)
-            if loss is None:
-                if labels is None:
-                    raise ValueError(
-                        "The model did not return a loss and the batch has no `labels`: add a labels column or pass "
-                        "`compute_loss_func`."
+        model = BoundModel(adapter, _cast_floats(params, config.compute_dtype), extra, rng, train, apply=apply)
+        inputs = _cast_floats(dict(batch), config.compute_dtype)
+        with adapter.user_context():
+            user_inputs = adapter.to_user(inputs)
+            if prepares_inputs:
+                user_inputs = hooks.prepare_inputs(user_inputs)
+            user_items = None if num_items is None else adapter.to_user(num_items)
+            if train:
+                loss, outputs = hooks.compute_loss(model, user_inputs, num_items_in_batch=user_items), None
+            else:
+                result = hooks.compute_loss(model, user_inputs, return_outputs=True, num_items_in_batch=user_items)
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise TypeError(
+                        "compute_loss(model, inputs, return_outputs=True) must return (loss, outputs); "
+                        f"it returned {type(result).__name__}."
                     )
-                loss = default_loss(logits, labels, num_items)
-        return jnp.asarray(loss, jnp.float32), (outputs, new_extra)
+                loss, outputs = result
+            loss = _scalar_loss(adapter.from_user(loss))
+            outputs = None if outputs is None else adapter.from_user(outputs)
+        trace_info["normalized"] = _loss_is_normalized(model, hooks, adapter, num_items)
+        return loss, (outputs, model.new_extra)
 
     return loss_fn
 
 
-def make_train_step(adapter, tx: optax.GradientTransformation, config: StepConfig, compute_loss_func=None,
-                    with_num_items: bool = True):
+def _scalar_loss(loss):
+    loss = jnp.asarray(loss, jnp.float32)
+    if loss.ndim and loss.size == 1:
+        loss = loss.reshape(())
+    if loss.ndim:
+        raise ValueError(f"compute_loss must return a scalar loss; it returned an array of shape {loss.shape}.")
+    return loss
+
+
+def _loss_is_normalized(model, hooks, adapter, num_items) -> bool:
+    """transformers' loss_is_scaled_for_ga: the user's statement, else what the default loss did, else
+    whether the model or compute_loss_func takes num_items_in_batch."""
+    stated = hooks.loss_is_scaled_for_ga
+    if stated is not None:
+        return bool(stated)
+    if model._xt_loss_normalized is not None:
+        return model._xt_loss_normalized
+    return (adapter.accepts_num_items and num_items is not None) or hooks.compute_loss_func is not None
+
+
+def default_compute_loss(adapter, hooks, model, inputs, return_outputs: bool, num_items_in_batch):
+    """The Trainer's default compute_loss on jax (traced): the model's own loss, `compute_loss_func`, or
+    cross entropy / MSE on the logits (default_loss)."""
+    batch = adapter.from_user(dict(inputs))
+    num_items = None if num_items_in_batch is None else adapter.from_user(num_items_in_batch)
+    labels = batch.get("labels")
+    call = dict(batch)
+    compute_loss_func = hooks.compute_loss_func
+    if compute_loss_func is not None:
+        call.pop("labels", None)
+        with adapter.user_context():  # the function sees the model's own outputs, in the user's tensor type
+            user_outputs = model(**adapter.to_user(call))
+            loss = compute_loss_func(user_outputs, adapter.to_user(labels), num_items_in_batch=num_items_in_batch)
+        loss, outputs = adapter.from_user(loss), adapter.from_user(user_outputs)
+        model._xt_loss_normalized = True
+    else:
+        if adapter.accepts_num_items and num_items is not None:
+            call["num_items_in_batch"] = num_items
+        outputs = model.apply_jax(call)
+        loss, logits = split_outputs(outputs)
+        model._xt_loss_normalized = num_items is not None and (loss is None or adapter.accepts_num_items)
+        if loss is None:
+            if labels is None:
+                raise ValueError(
+                    "The model did not return a loss and the batch has no `labels`: add a labels column or pass "
+                    "`compute_loss_func`."
+                )
+            loss = default_loss(logits, labels, num_items)
+    loss = jnp.asarray(loss, jnp.float32)
+    if return_outputs:
+        return adapter.to_user(loss), adapter.to_user(outputs)
+    return adapter.to_user(loss)
+
+
+def find_injected_learning_rate(opt_state) -> bool:
+    """Whether an optimizer state holds an injected `learning_rate` hyperparameter (optax.inject_hyperparams),
+    at its top or nested in a chain."""
+    if _injects_learning_rate(opt_state):
+        return True
+    if isinstance(opt_state, (tuple, list)):  # chains are tuples; wrappers (masked, ...) are NamedTuples
+        return any(find_injected_learning_rate(s) for s in opt_state)
+    return False
+
+
+def _injects_learning_rate(opt_state) -> bool:
+    hyper = getattr(opt_state, "hyperparams", None)
+    return isinstance(hyper, Mapping) and "learning_rate" in hyper
+
+
+def set_injected_learning_rate(opt_state, lr):
+    """The optimizer state with every injected `learning_rate` set to `lr`."""
+    if _injects_learning_rate(opt_state):
+        hyper = opt_state.hyperparams
+        value = jnp.asarray(lr, jnp.result_type(hyper["learning_rate"]))
+        return opt_state._replace(hyperparams={**hyper, "learning_rate": value})
+    if isinstance(opt_state, tuple) and hasattr(opt_state, "_fields"):
+        return opt_state._replace(**{f: set_injected_learning_rate(getattr(opt_state, f), lr) for f in opt_state._fields})
+    if isinstance(opt_state, (tuple, list)):
+        return type(opt_state)(set_injected_learning_rate(s, lr) for s in opt_state)
+    return opt_state
+
+
+def make_train_step(adapter, tx: optax.GradientTransformation, config: StepConfig, hooks, with_num_items: bool = True):
     """The pure train step. `window` holds the micro-batches stacked on a leading axis; `mask` is 1
     for real micro-batches and 0 for the padding of a short last window."""
     trace_info: dict = {}
-    loss_fn = make_loss_fn(adapter, config, compute_loss_func, train=True, trace_info=trace_info)
+    loss_fn = make_loss_fn(adapter, config, hooks, train=True, trace_info=trace_info)
 
     def train_step(state, window, mask, num_items):
         params = state["params"]
@@ -218,10 +312,14 @@ def make_train_step(adapter, tx: optax.GradientTransformation, config: StepConfi
             coef = jnp.minimum(config.max_grad_norm / (grad_norm + 1e-6), 1.0)
             grads = jax.tree.map(lambda g: g * coef, grads)
         opt_state = state["opt_state"]
-        lr = config.learning_rate * config.schedule(state["step"]) * state["lr_scale"]
-        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)})
+        if config.lr_injected:
+            lr = config.lr_schedule(state["step"]) * state["lr_scale"]
+            opt_state = set_injected_learning_rate(opt_state, lr)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, opt_state, params)
+        if not config.lr_injected:
+            factor = config.update_scale(state["step"]) * state["lr_scale"]
+            updates = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
         new_params = optax.apply_updates(params, updates)
         new_state = dict(state, params=new_params, opt_state=opt_state, extra=extra, step=state["step"] + 1)
         if config.loss_scaling:
@@ -242,20 +340,44 @@ def make_train_step(adapter, tx: optax.GradientTransformation, config: StepConfi
     return train_step
 
 
-def make_eval_step(adapter, config: StepConfig, compute_loss_func=None, has_labels: bool = True,
-                   with_num_items: bool = False):
-    """(params, extra, batch, num_items) -> (loss or None, logits or None); no dropout, no update."""
-    loss_fn = make_loss_fn(adapter, config, compute_loss_func, train=False)
+def _without_ignored(outputs, ignore_keys: tuple):
+    if isinstance(outputs, Mapping) and ignore_keys:
+        return {k: v for k, v in outputs.items() if k not in ignore_keys}
+    return outputs
+
+
+def make_eval_step(adapter, config: StepConfig, hooks, has_labels: bool = True, count_items: bool = False,
+                   shifts_labels: bool = False, ignore_keys: tuple = ()):
+    """(params, extra, batch) -> (loss or None, logits or None); no dropout, no update.
+
+    With labels the loss comes from the (overridable) compute_loss with return_outputs=True; with
+    `count_items` it is given the batch's label-token count, counted on device. Without labels the
+    model's outputs are the logits. Output keys in `ignore_keys` are left out of the logits.
+    """
+    from .bound_model import BoundModel
+
+    loss_fn = make_loss_fn(adapter, config, hooks, train=False)
+    prepares_inputs = hooks.overrides("_prepare_inputs") or hooks.overrides("_prepare_input")
     rng = jax.random.key(0)
 
-    def eval_step(params, extra, batch, num_items):
+    def eval_step(params, extra, batch):
         if has_labels:
-            loss, (outputs, _) = loss_fn(params, extra, batch, rng, num_items if with_num_items else None)
-            _, logits = split_outputs(outputs)
+            num_items = None
+            if count_items:
+                labels = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
+                if shifts_labels and "shift_labels" not in batch:
+                    labels = labels[..., 1:]
+                num_items = jnp.sum(labels != -100).astype(jnp.float32)
+            loss, (outputs, _) = loss_fn(params, extra, batch, rng, num_items)
+            _, logits = split_outputs(_without_ignored(outputs, ignore_keys))
             return loss, logits
-        inputs = _cast_floats(dict(batch), config.compute_dtype)
-        outputs, _ = adapter.apply(_cast_floats(params, config.compute_dtype), extra, inputs, rng, False)
-        loss, logits = split_outputs(outputs)
+        model = BoundModel(adapter, _cast_floats(params, config.compute_dtype), extra, rng, False)
+        with adapter.user_context():
+            inputs = adapter.to_user(_cast_floats(dict(batch), config.compute_dtype))
+            if prepares_inputs:
+                inputs = hooks.prepare_inputs(inputs)
+            outputs = adapter.from_user(model(**inputs))
+        loss, logits = split_outputs(_without_ignored(outputs, ignore_keys))
         return loss, logits
 
     return eval_step

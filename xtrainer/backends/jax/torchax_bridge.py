@@ -100,15 +100,49 @@ class TorchaxAdapter:
         self.modes = set()
 
     def apply(self, params, extra, inputs: Mapping, rng, train: bool):
+        outputs, extra = self.call_user(params, extra, self.to_user(dict(inputs)), rng, train)
+        return _outputs_to_jax(outputs, self.interop), extra
+
+    # ------------------------------------------------------------------ the user's view: torch tensors
+
+    user_is_jax = False
+
+    def call_user(self, params, extra, user_inputs: Mapping, rng, train: bool):
+        """Runs forward on torch-tensor inputs (torchax views) and returns the module's own outputs
+        (a transformers ModelOutput of torchax tensors), as a user's compute_loss expects."""
         interop = self.interop
         names = self.input_names
-        kwargs = {k: v for k, v in inputs.items() if names is None or k in names}
+        kwargs = {k: v for k, v in user_inputs.items() if names is None or k in names}
         with self.env, _prng_key(self.env, rng):
             self.module.train(train)
-            outputs = self.jittable.functional_call(
-                "forward", interop.torch_view(params), interop.torch_view(extra), **interop.torch_view(kwargs)
-            )
-            return _outputs_to_jax(outputs, interop), extra
+            outputs = self.jittable.functional_call("forward", interop.torch_view(params), interop.torch_view(extra), **kwargs)
+        return outputs, extra
+
+    def to_user(self, tree):
+        """jax arrays -> torch tensors (torchax views, no copy)."""
+        return self.interop.torch_view(tree)
+
+    def from_user(self, tree):
+        """What a user's torch code returned (tensors, ModelOutputs, tuples, dicts) -> jax arrays."""
+        if tree is None:
+            return None
+        if isinstance(tree, Mapping) or isinstance(tree, (tuple, list)):
+            return _outputs_to_jax(tree, self.interop)
+        return self.interop.jax_view(tree)
+
+    def user_context(self):
+        """torchax's environment: torch operations inside it run as jax operations."""
+        return self.env
+
+    @property
+    def user_model(self):
+        return self.module
+
+    def read_params(self):
+        """(params, extra) from the torch module's current tensors (after a user loaded weights into it)."""
+        self.jittable = self.interop.JittableModule(self.module)
+        return ({name: _to_jax(p) for name, p in self.jittable.params.items()},
+                {name: _to_jax(b) for name, b in self.jittable.buffers.items()})
 
     def logical_axes(self) -> dict:
         return {}

@@ -20,9 +20,9 @@ from torch import nn
 
 from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
-from . import distributed, state_io
+from . import coordination, distributed, save_snapshot, state_io
 from .nan_guard import make_nan_guard
-from .optim import build_optimizer
+from .optim import decay_parameter_names
 
 
 @dataclass
@@ -127,21 +127,29 @@ class TorchBackend:
         self.process_index = 0
         self.local_batch_devices = 1
         self.device = torch.device("cpu")
+        self._host_groups = None
+        self._agreement = None
 
     # ------------------------------------------------------------------ setup
 
-    def prepare(self, model: nn.Module, args: Any, *, compute_loss_func: Any = None) -> nn.Module:
+    def prepare(self, model: nn.Module, args: Any, *, hooks: Any) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise TypeError(f"backend='torch' needs a torch.nn.Module, got {type(model).__name__}.")
         self.args = args
-        self.compute_loss_func = compute_loss_func
+        self.hooks = hooks
+        self._optimizer = None  # the optimizer of the run in progress (schedule-free optimizers switch modes)
+        self._scaler = None
         self.dist = distributed.init_from_env(args)
         self.num_processes, self.process_index = self.dist.world_size, self.dist.rank
+        if self.num_processes > 1 and self._host_groups is None:  # preemption and save agreement (coordination.py)
+            self._host_groups = coordination.HostGroups(getattr(args, "ddp_timeout", None) or 1800)
         self.device = self._pick_device(args)
         self.amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
             raise ValueError("fp16=True needs torch.amp.GradScaler; use bf16=True on CPU.")
         self.model = model.to(self.device)
+        apply_tf32(args.tf32, self.device)
+        watch_underflow_overflow(model, args)
         if args.activation_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError(
@@ -153,6 +161,23 @@ class TorchBackend:
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
         return model
+
+    @property
+    def model_accepts_loss_kwargs(self) -> bool:
+        return self.accepts_loss_kwargs
+
+    @property
+    def looks_up_token_ids(self) -> bool:
+        """Whether input_ids feed an embedding lookup (a transformers model's input embeddings)."""
+        return _has_input_embeddings(self.model)
+
+    @property
+    def can_return_loss(self) -> bool:
+        return _can_return_loss(self.model)
+
+    @property
+    def is_fsdp_enabled(self) -> bool:
+        return self.dist.fsdp
 
     def _pick_device(self, args) -> torch.device:
         if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
@@ -166,24 +191,59 @@ class TorchBackend:
         return _label_names(self.model)
 
     def counts_label_items(self) -> tuple[bool, bool]:
-        counts = self.accepts_loss_kwargs or self.compute_loss_func is not None
+        counts = self.accepts_loss_kwargs or self.hooks.compute_loss_func is not None
         return counts, self.shifts_labels
 
-    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> TorchState:
+    def wrap_for_training(self) -> nn.Module:
+        """The module that runs forward in training: DDP / FSDP2 / torch.compile around the model (or the
+        model itself); FSDP2 shards the model in place, so build the optimizer after this."""
         args = self.args
         runner = distributed.wrap_model(self.model, args, self.dist, self.device)
         if args.torch_compile:
             runner = torch.compile(
                 runner, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode
             )
-        optimizer, scheduler = optimizers
-        optimizer = optimizer or build_optimizer(runner if self.dist.fsdp else self.model, args)
-        if scheduler is None:
-            scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+        self.runner = runner
+        return runner
+
+    def optimizer_target(self) -> nn.Module:
+        """The module whose parameters the optimizer updates (transformers' `self.model`)."""
+        return self.model
+
+    def decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return decay_parameter_names(model)
+
+    def create_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """transformers' default optimizer: decay / no-decay groups from the (overridable)
+        get_decay_parameter_names, class and kwargs from optimizer_cls_and_kwargs."""
+        hooks = self.hooks
+        decay = set(hooks.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups: Any = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        optimizer_cls, kwargs = hooks.optimizer_cls_and_kwargs(model)
+        kwargs = dict(kwargs)
+        # Some optimizers build their own parameter groups (GaLore), need the model (LOMO) or are
+        # layer-wise dicts; transformers lets get_optimizer_cls_and_kwargs say so through these keys.
+        for key in ("params", "model", "optimizer_dict"):
+            if key in kwargs:
+                groups = kwargs.pop(key)
+        return optimizer_cls(groups, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer):
+        return build_lr_scheduler(optimizer, self.args, num_training_steps)
+
+    def init_state(self, num_training_steps: int, optimizer: Any, scheduler: Any) -> TorchState:
+        args = self.args
+        runner = self.runner if getattr(self, "runner", None) is not None else self.wrap_for_training()
         scaler = None
         if args.fp16:
             scaler = torch.amp.GradScaler(self.device.type)
         guard = make_nan_guard(args, self.device, loss_scaling=scaler is not None)
+        self._optimizer, self._scaler = optimizer, scaler
+        self._agreement = coordination.PreemptionAgreement(self._host_groups.preemption) if self._host_groups else None
         return TorchState(model=runner, optimizer=optimizer, scheduler=scheduler, scaler=scaler, nan_guard=guard)
 
     # ------------------------------------------------------------------ steps
@@ -195,29 +255,42 @@ class TorchBackend:
     def shard_window(self, window: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, torch.Tensor]]:
         return [self.shard_batch(batch) for batch in window]
 
-    def _autocast(self):
+    def autocast_context(self, cache_enabled: bool | None = True):
+        """torch.amp autocast for bf16/fp16 runs (what the Trainer's autocast_smart_context_manager returns)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, cache_enabled=cache_enabled)
 
-    def _compute_loss(self, model, inputs: dict, num_items, return_outputs: bool = False):
+    def prepare_inputs(self, inputs: Any) -> Any:
+        """Tensors (nested in dicts / lists) moved to the run's device, as transformers' _prepare_inputs does."""
+        if isinstance(inputs, Mapping):
+            return type(inputs)({k: self.prepare_inputs(v) for k, v in inputs.items()})
+        if isinstance(inputs, (tuple, list)):
+            return type(inputs)(self.prepare_inputs(v) for v in inputs)
+        if isinstance(inputs, torch.Tensor):
+            return inputs.to(self.device)
+        return inputs
+
+    def compute_loss(self, model, inputs: Mapping, return_outputs: bool = False, num_items_in_batch=None):
+        """The Trainer's default compute_loss: the model's own loss, compute_loss_func, or label smoothing."""
         inputs = dict(inputs)
-        smoothing = self.args.label_smoothing_factor
+        smoothing = self.hooks.label_smoothing_factor
+        compute_loss_func = self.hooks.compute_loss_func
         # A user loss or label smoothing takes the labels away from the model (as in HF).
-        takes_labels = self.compute_loss_func is not None or (smoothing and "labels" in inputs)
+        takes_labels = (compute_loss_func is not None or smoothing) and "labels" in inputs
         labels = inputs.pop("labels", None) if takes_labels else None
-        if self.accepts_loss_kwargs and num_items is not None:
-            inputs["num_items_in_batch"] = num_items
+        if self.accepts_loss_kwargs and num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs)
-        if self.compute_loss_func is not None:
-            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items)
+        if compute_loss_func is not None:
+            loss = compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif labels is not None:
             logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-            loss = label_smoothed_loss(logits, labels, smoothing, num_items, shift=self.is_causal_lm)
+            loss = label_smoothed_loss(logits, labels, smoothing, num_items_in_batch, shift=self.is_causal_lm)
         else:
             loss = _extract_loss(outputs, inputs)
-        if self.args.average_tokens_across_devices and num_items is not None and (
-            self.accepts_loss_kwargs or self.compute_loss_func is not None
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None and (
+            self.accepts_loss_kwargs or compute_loss_func is not None
         ):
             loss = loss * self.num_processes
         return (loss, outputs) if return_outputs else loss
@@ -227,25 +300,46 @@ class TorchBackend:
         # division inside the loss happens in float32 exactly as there.
         return None if num_items is None else torch.tensor(float(num_items), dtype=torch.float32, device=self.device)
 
+    def loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether compute_loss already normalised over the whole window (transformers' rule): the user's
+        `loss_is_scaled_for_ga` when set, else whether the model or compute_loss_func took num_items."""
+        stated = self.hooks.loss_is_scaled_for_ga
+        if stated is not None:
+            return bool(stated)
+        return (self.accepts_loss_kwargs and num_items_in_batch is not None) or self.hooks.compute_loss_func is not None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self._scaler is not None:
+            self._scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def training_step(self, model, inputs: Mapping, num_items_in_batch=None) -> torch.Tensor:
+        """The Trainer's default training_step: forward through the hooks, then backward (transformers' order)."""
+        hooks = self.hooks
+        model.train()
+        if callable(getattr(self._optimizer, "train", None)):  # schedule-free optimizers have train/eval modes
+            self._optimizer.train()
+        inputs = hooks.prepare_inputs(inputs)
+        with hooks.compute_loss_context_manager():
+            loss = hooks.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        del inputs
+        if not self.loss_is_scaled_for_ga(num_items_in_batch):
+            loss = loss / hooks.current_gradient_accumulation_steps
+        self.backward(loss)
+        return loss.detach()
+
     def train_step(self, state: TorchState, window: Sequence[dict], num_items_in_batch: int | None, events):
         model, optimizer = state.model, state.optimizer
-        model.train()
+        self._optimizer, self._scaler = optimizer, state.scaler
         num_items = self._num_items_tensor(num_items_in_batch)
-        scaled_for_ga = (self.accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
         losses = []
         for i, inputs in enumerate(window):
             # DDP all-reduces gradients on the last micro-batch of the window only.
             sync = contextlib.nullcontext() if i == len(window) - 1 else distributed.no_sync(model)
             with sync:
-                with self._autocast():
-                    loss = self._compute_loss(model, inputs, num_items)
-                if not scaled_for_ga:
-                    loss = loss / len(window)
-                if state.scaler is not None:
-                    state.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            losses.append(loss.detach().float())
+                loss = self.hooks.training_step(model, inputs, num_items)
+            losses.append(torch.as_tensor(loss).detach().float().to(self.device))
             if i < len(window) - 1:
                 events.substep_end()
         if state.scaler is not None:
@@ -253,10 +347,14 @@ class TorchBackend:
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
+        # HF logs the mean over processes of each process's loss (its gathered tr_loss). Computed
+        # before the NaN guard, which reads it: one process's NaN loss is then every process's, and
+        # all of them skip (or stop) together; the gradient norm is already the same everywhere.
+        loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
         guard = state.nan_guard
         guarded = contextlib.nullcontext()
         if guard is not None:  # nan_policy skip/raise: the update is selected on device (nan_guard.py)
-            guarded = guard.guarded_step(optimizer, guard.update(losses, grad_norm), state.scaler)
+            guarded = guard.guarded_step(optimizer, guard.update(list(loss), grad_norm), state.scaler)
         if state.scaler is not None:
             scale_before = state.scaler.get_scale()
             with guarded:
@@ -272,38 +370,79 @@ class TorchBackend:
         if not skipped:
             state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        # HF logs the mean over processes of each process's loss (its gathered tr_loss).
-        loss = distributed.mean_over_processes(torch.stack(losses), self.dist)
         nonfinite = guard.report() if guard else None
         return state, StepMetrics(loss=loss, grad_norm=grad_norm, learning_rate=learning_rate, nonfinite=nonfinite)
 
-    def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
-        model = state.model if state is not None else self.model
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_model(self, state) -> nn.Module:
+        """The model that prediction_step receives: the training wrapper during a run, else the model."""
+        return state.model if state is not None else self.model
+
+    def eval_inputs(self, batch: dict) -> dict:
+        return batch
+
+    def metrics_view(self, tree: Any) -> Any:
+        """Eval outputs as preprocess_logits_for_metrics / batch_eval_metrics receive them (torch tensors)."""
+        return tree
+
+    def trim_padding(self, output: tuple, inputs: Any) -> tuple:
+        """prediction_step output without rows the backend added (none on torch)."""
+        return output
+
+    def _eval_num_items(self, inputs: Mapping):
+        """transformers' num_items_in_batch for one eval batch (None when the loss does not take it).
+
+        Every process evaluates the same batch here, so the count it would gather over processes is this
+        count times their number."""
+        counts, shifts = self.counts_label_items()
+        labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
+        if not counts or not isinstance(labels, torch.Tensor):
+            return None
+        labels = inputs["shift_labels"] if "shift_labels" in inputs else labels[..., 1:] if shifts else labels
+        count = labels.ne(-100).sum().to(torch.float32)
+        return count * self.num_processes if self.args.average_tokens_across_devices else count
+
+    def prediction_step(self, model, inputs: Mapping, prediction_loss_only: bool, ignore_keys=None,
+                        count_items: bool = True):
+        """The Trainer's default prediction_step: (loss, logits, labels), as transformers computes them."""
+        hooks = self.hooks
+        label_names = hooks.label_names
         model.eval()
-        has_labels = bool(label_names) and all(batch.get(k) is not None for k in label_names)
+        if callable(getattr(self._optimizer, "eval", None)):  # schedule-free: evaluate the averaged weights
+            self._optimizer.eval()
+        has_labels = bool(label_names) and all(inputs.get(k) is not None for k in label_names)
+        return_loss = inputs.get("return_loss")
+        if return_loss is None:
+            return_loss = _can_return_loss(self.model)
+        loss_without_labels = not label_names and return_loss
+        inputs = hooks.prepare_inputs(inputs)
         if ignore_keys is None:
             config = getattr(self.model, "config", None)
-            ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", None) or []) if config is not None else []
+            ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["cache"]) or []) if config is not None else []
         labels = None
-        if has_labels:
-            found = tuple(batch[name] for name in label_names)
-            labels = found[0] if len(found) == 1 else found
-        with torch.no_grad(), self._autocast():
-            if has_labels:
-                loss, outputs = self._compute_loss(model, batch, self._num_items_tensor(num_items_in_batch), return_outputs=True)
+        if has_labels or loss_without_labels:  # before the loss: it may pop them (label smoothing)
+            found = tuple(inputs.get(name) for name in label_names)
+            labels = found[0] if len(found) == 1 else (found or None)
+        with torch.no_grad():
+            if has_labels or loss_without_labels:
+                num_items = self._eval_num_items(inputs) if count_items else None
+                with hooks.compute_loss_context_manager():
+                    loss, outputs = hooks.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items)
                 loss = loss.detach().float().mean()
             else:
                 loss = None
-                outputs = model(**batch)
+                with hooks.compute_loss_context_manager():
+                    outputs = model(**inputs)
         if prediction_loss_only:
             return EvalOutput(loss, None, None)
+        skip = set(ignore_keys) | ({"loss"} if has_labels or loss_without_labels else set())
         if isinstance(outputs, Mapping):
-            skip = set(ignore_keys) | ({"loss"} if has_labels else set())
             logits = tuple(v for k, v in outputs.items() if k not in skip and v is not None)
         elif isinstance(outputs, torch.Tensor):
             logits = (outputs,)
         else:
-            logits = tuple(outputs[1:] if has_labels else outputs)
+            logits = tuple(outputs[1:] if has_labels or loss_without_labels else outputs)
         logits = tuple(t.detach() for t in logits if isinstance(t, torch.Tensor))
         if len(logits) == 1:
             logits = logits[0]
@@ -311,11 +450,11 @@ class TorchBackend:
             logits = None
         return EvalOutput(loss, logits, labels)
 
-    def generate(self, state, batch, gen_kwargs: dict):
+    def generate(self, model, inputs, gen_kwargs: dict):
         """HF `generate` on the unwrapped model, in eval mode without gradients (see generation.py)."""
         from .generation import hf_generate
 
-        return hf_generate(self.model, batch, gen_kwargs, autocast=self._autocast(), synced_gpus=bool(self.dist.fsdp))
+        return hf_generate(self.model, inputs, gen_kwargs, autocast=self.autocast_context(), synced_gpus=bool(self.dist.fsdp))
 
     def step_flops(self) -> float | None:
         return None  # eager torch has no compiled program to ask; no MFU in the logs
@@ -349,14 +488,47 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ state I/O
 
-    def save(self, state: TorchState, directory: str, *, save_only_model: bool = False) -> None:
-        state_io.save_model_weights(self.model, directory, self.dist)
-        if not save_only_model:
-            state_io.save_training_state(state, directory, self.dist)
+    #: The model weights live in their own files (model.safetensors), written through the Trainer's `_save`.
+    weights_restored_with_state = False
+    #: Checkpoints hold the model files (transformers' layout), written through the Trainer's `_save`.
+    model_files_in_checkpoints = True
 
-    def restore(self, state: TorchState, directory: str) -> TorchState:
+    def model_state_for_save(self, state, copy: bool = False) -> dict | None:
+        """Full weights gathered for writing (collective under FSDP); None when the model holds them whole.
+
+        copy=True: a host copy, for a write that happens later while training goes on (tied weights stay tied)."""
+        gathered = state_io.gather_model_state(self.model, self.dist)
+        if copy and gathered is None and self.dist.is_main:
+            return save_snapshot.host_copy(self.model.state_dict())
+        return gathered
+
+    def save(self, state: TorchState, directory: str, *, save_only_model: bool = False) -> None:
+        """Optimizer, scheduler, scaler and RNG state (the model files are written by the Trainer's `_save`)."""
+        self.save_async(state, directory, save_only_model=save_only_model, background=False)()
+
+    def save_async(self, state: TorchState, directory: str, *, save_only_model: bool = False,
+                   outcome_tag: str | None = None, background: bool = True):
+        """Captures the training state now; returns the function that writes its files.
+
+        background=True: every tensor is copied to host memory first, so the returned function may
+        run in another thread while training goes on (save_snapshot.py); False: it runs right away.
+        """
+        group = self._host_groups.checkpoint if self._host_groups else None
+        snapshot = save_snapshot.capture(self.model, state, self.dist, save_only_model=save_only_model,
+                                         copy=background, group=group, include_weights=False)
+        save_snapshot.start(snapshot, directory)
+        return lambda: save_snapshot.write(snapshot, directory)
+
+    def exchange(self, tag: str, value) -> list:
+        """Every process's `value` (small, picklable), in rank order; may run in a background thread."""
+        if self._host_groups is None:
+            return [value]
+        return coordination.exchange(value, self._host_groups.checkpoint, self.num_processes)
+
+    def restore(self, state: TorchState, directory: str, *, include_model: bool = True) -> TorchState:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
-        state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+        if include_model:
+            state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
         state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
         return state
 
@@ -364,8 +536,29 @@ class TorchBackend:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
         state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
 
-    def export_model(self, state, directory: str) -> None:
-        state_io.save_model_weights(self.model, directory, self.dist)
+    def export_model(self, state, directory: str, state_dict: dict | None = None) -> None:
+        """Writes the model's files (main process; `state_dict` from model_state_for_save when sharded)."""
+        state_io.write_model_weights(self.model, directory, state_dict)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def end(self) -> None:
+        """Destroys the process group this run joined (transformers' Trainer.end)."""
+        import torch.distributed as dist
+
+        if self.num_processes > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def learning_rates(self, optimizer) -> list[float]:
+        return [group["lr"] for group in optimizer.param_groups]
+
+    def optimizer_group(self, optimizer, param=None):
+        if param is not None:
+            for group in optimizer.param_groups:
+                if any(p is param for p in group["params"]):
+                    return group
+        return [group["params"] for group in optimizer.param_groups]
 
     def finalize(self, state) -> nn.Module:
         return self.model
@@ -373,10 +566,35 @@ class TorchBackend:
     def barrier(self) -> None:
         distributed.barrier(self.dist)
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
-        # This process's SIGTERM flag: schedulers signal every rank, and a collective here would
-        # cost a host round trip per step.
-        return local_flag
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
+        # Several processes: they agree through a non-blocking all-reduce of the flag on a gloo
+        # group of its own, read one step later (coordination.PreemptionAgreement).
+        if self._agreement is None:
+            return local_flag
+        return self._agreement.at_end() if final else self._agreement.at_step(local_flag)
+
+
+def apply_tf32(tf32: bool | None, device: torch.device) -> None:
+    """args.tf32 as transformers applies it: None leaves torch's setting; True/False switches TF32 matmuls and
+    cuDNN convolutions, and True without a CUDA device that has them is an error."""
+    if tf32 is None:
+        return
+    if tf32 and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8):
+        raise ValueError(
+            f"tf32=True needs an Ampere or newer CUDA GPU; this run's device is {device}. Leave tf32 unset (None) or "
+            "set it to False."
+        )
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+
+
+def watch_underflow_overflow(model: nn.Module, args) -> None:
+    """debug="underflow_overflow": transformers' detector hooks every module and reports the first inf/nan."""
+    if "underflow_overflow" not in [getattr(d, "value", d) for d in getattr(args, "debug", []) or []]:
+        return
+    from transformers.debug_utils import DebugUnderflowOverflow
+
+    DebugUnderflowOverflow(model)
 
 
 def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: bool = False) -> torch.Tensor:
@@ -395,6 +613,23 @@ def label_smoothed_loss(logits, labels, epsilon: float, num_items=None, shift: b
     smoothed = log_probs.sum(dim=-1, keepdim=True, dtype=torch.float32).masked_fill(padding, 0.0)
     active = num_items if num_items is not None else padding.numel() - padding.long().sum()
     return (1 - epsilon) * nll.sum() / active + epsilon * smoothed.sum() / (active * log_probs.shape[-1])
+
+
+def _has_input_embeddings(model) -> bool:
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        return callable(getter) and isinstance(getter(), nn.Embedding)
+    except Exception:  # a model whose getter is not implemented
+        return False
+
+
+def _can_return_loss(model: nn.Module) -> bool:
+    """Whether forward has a `return_loss` argument defaulting to True (CLIP-like models; transformers' rule)."""
+    try:
+        param = inspect.signature(model.forward).parameters.get("return_loss")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is True
 
 
 def _current_lr(scheduler, optimizer) -> float:

@@ -155,9 +155,18 @@ def wrap_model(model: nn.Module, args, info: DistInfo, device: torch.device) -> 
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, find_unused_parameters=_find_unused_parameters(model, args)
-    )
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs(model, args))
+
+
+def ddp_kwargs(model: nn.Module, args) -> dict:
+    """DistributedDataParallel options from the arguments (transformers' ddp_* fields; unset ones keep torch's)."""
+    kwargs = {"find_unused_parameters": _find_unused_parameters(model, args)}
+    for option, field in (("bucket_cap_mb", "ddp_bucket_cap_mb"), ("broadcast_buffers", "ddp_broadcast_buffers"),
+                          ("static_graph", "ddp_static_graph")):
+        value = getattr(args, field, None)
+        if value is not None:
+            kwargs[option] = value
+    return kwargs
 
 
 def no_sync(model: nn.Module):

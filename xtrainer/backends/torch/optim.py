@@ -81,44 +81,53 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+def get_optimizer_cls_and_kwargs(args, model: nn.Module | None = None) -> tuple[type, dict]:
+    """The optimizer class and constructor kwargs (learning rate included) named by `args.optim`.
+
+    transformers' `Trainer.get_optimizer_cls_and_kwargs`: the Trainer builds the optimizer as
+    `cls(parameter_groups, **kwargs)`.
+    """
+    name = OptimizerNames(getattr(args.optim, "value", args.optim))
+    extra = _parse_optim_args(getattr(args, "optim_args", None))
+    kwargs: dict = {"lr": args.learning_rate}
+    adam = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    if name in (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW):
+        return torch.optim.AdamW, {**kwargs, **adam}
+    if name is OptimizerNames.ADAMW_TORCH_FUSED:
+        return torch.optim.AdamW, {**kwargs, **adam, "fused": True}
+    if name is OptimizerNames.SGD:
+        kwargs.update({k: float(extra[k]) for k in ("momentum", "dampening") if k in extra})
+        if "nesterov" in extra:
+            kwargs["nesterov"] = extra["nesterov"].lower() in ("true", "1", "yes")
+        return torch.optim.SGD, kwargs
+    if name is OptimizerNames.ADAGRAD:
+        kwargs.update({k: float(extra[k]) for k in ("lr_decay", "eps") if k in extra})
+        return torch.optim.Adagrad, kwargs
+    if name is OptimizerNames.RMSPROP:
+        kwargs.update({k: float(extra[k]) for k in ("momentum", "alpha", "eps") if k in extra})
+        if "centered" in extra:
+            kwargs["centered"] = extra["centered"].lower() in ("true", "1", "yes")
+        return torch.optim.RMSprop, kwargs
+    if name is OptimizerNames.ADAFACTOR:
+        try:  # transformers' Adafactor is what HF scripts expect; torch's differs in its defaults
+            from transformers.optimization import Adafactor
+        except ImportError:
+            return torch.optim.Adafactor, kwargs
+        return Adafactor, {**kwargs, "scale_parameter": False, "relative_step": False}
+    if name in (OptimizerNames.LION, OptimizerNames.LION_SHORT):
+        return Lion, {**kwargs, "betas": (args.adam_beta1, args.adam_beta2)}
+    raise ValueError(f"optim={name.value!r} has no torch implementation.")
+
+
 def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     """The torch optimizer named by `args.optim`, over HF's decay/no-decay groups.
 
     Args:
-        model: the (unwrapped or DDP/FSDP-wrapped) module whose parameters are optimised.
+        model: the module whose parameters are optimised.
         args: TrainingArguments (optim, learning_rate, adam_*, weight_decay, optim_args).
 
     Returns:
         A torch.optim.Optimizer.
     """
-    name = OptimizerNames(getattr(args.optim, "value", args.optim))
-    groups = parameter_groups(model, args.weight_decay)
-    extra = _parse_optim_args(getattr(args, "optim_args", None))
-    lr = args.learning_rate
-    adam = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
-    if name in (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW):
-        return torch.optim.AdamW(groups, lr=lr, **adam)
-    if name is OptimizerNames.ADAMW_TORCH_FUSED:
-        return torch.optim.AdamW(groups, lr=lr, fused=True, **adam)
-    if name is OptimizerNames.SGD:
-        kwargs = {k: float(extra[k]) for k in ("momentum", "dampening") if k in extra}
-        if "nesterov" in extra:
-            kwargs["nesterov"] = extra["nesterov"].lower() in ("true", "1", "yes")
-        return torch.optim.SGD(groups, lr=lr, **kwargs)
-    if name is OptimizerNames.ADAGRAD:
-        kwargs = {k: float(extra[k]) for k in ("lr_decay", "eps") if k in extra}
-        return torch.optim.Adagrad(groups, lr=lr, **kwargs)
-    if name is OptimizerNames.RMSPROP:
-        kwargs = {k: float(extra[k]) for k in ("momentum", "alpha", "eps") if k in extra}
-        if "centered" in extra:
-            kwargs["centered"] = extra["centered"].lower() in ("true", "1", "yes")
-        return torch.optim.RMSprop(groups, lr=lr, **kwargs)
-    if name is OptimizerNames.ADAFACTOR:
-        try:  # transformers' Adafactor is what HF scripts expect; torch's differs in its defaults
-            from transformers.optimization import Adafactor
-        except ImportError:
-            return torch.optim.Adafactor(groups, lr=lr)
-        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False)
-    if name in (OptimizerNames.LION, OptimizerNames.LION_SHORT):
-        return Lion(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
-    raise ValueError(f"optim={name.value!r} has no torch implementation.")
+    optimizer_cls, kwargs = get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_cls(parameter_groups(model, args.weight_decay), **kwargs)

@@ -81,21 +81,30 @@ def _dedupe_shared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def save_model_weights(model: nn.Module, directory: str, info) -> None:
+def gather_model_state(model: nn.Module, info) -> dict[str, torch.Tensor] | None:
+    """The full weights to write, gathered to rank 0 under FSDP (collective: every process calls it);
+    None when the model's own state_dict() is complete (no sharding)."""
+    return _full_state_dict(model, info) if info.sharded else None
+
+
+def write_model_weights(model: nn.Module, directory: str, state_dict: dict | None = None) -> None:
     """Writes the model as its library loads it: save_pretrained for HF models, else model.safetensors.
 
-    Rank 0 writes full weights; under FSDP every process must call it (the weights are gathered).
+    Args:
+        state_dict: full weights (from gather_model_state); None writes model.state_dict().
     """
-    state_dict = _full_state_dict(model, info)
-    if not info.is_main:
-        return
-    os.makedirs(directory, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, state_dict=state_dict)
-        return
-    from safetensors.torch import save_file
+    from . import save_snapshot
 
-    save_file(_dedupe_shared(state_dict), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    if state_dict is None:
+        state_dict = model.state_dict()
+    save_snapshot.write_weights(model, state_dict, directory)
+
+
+def save_model_weights(model: nn.Module, directory: str, info) -> None:
+    """Gathers (under FSDP every process must call it) and writes the full weights on rank 0."""
+    state_dict = gather_model_state(model, info)
+    if info.is_main:
+        write_model_weights(model, directory, state_dict)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -173,6 +182,20 @@ def _mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], directory: 
     )
 
 
+def _loads_its_own_way(model: nn.Module) -> bool:
+    return getattr(type(model), "load_state_dict", None) is not nn.Module.load_state_dict
+
+
+def _report_incompatible_keys(result, directory: str) -> None:
+    missing = list(getattr(result, "missing_keys", []) or [])
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if missing or unexpected:
+        logger.warning(
+            "Loading %s with the model's own load_state_dict left missing keys %s and unexpected keys %s.",
+            directory, missing[:5], unexpected[:5],
+        )
+
+
 def load_model_weights(model: nn.Module, directory: str, info, *, allow_unsafe: bool = False) -> None:
     """Loads weights into the model, with a clear error when they belong to another model.
 
@@ -184,6 +207,12 @@ def load_model_weights(model: nn.Module, directory: str, info, *, allow_unsafe: 
     """
     if not info.sharded:
         state_dict = read_weights(directory, allow_unsafe=allow_unsafe)
+        if _loads_its_own_way(model):
+            # A model class with its own load_state_dict (a buffer that grows, renamed keys) decides
+            # what fits, as transformers lets it; what it leaves out is still reported.
+            result = model.load_state_dict(state_dict, False)
+            _report_incompatible_keys(result, directory)
+            return
         problem = _mismatch(model, state_dict, directory)
         if problem:
             raise ValueError(problem)
@@ -217,23 +246,9 @@ def save_training_state(state, directory: str, info) -> None:
 
     Under FSDP every process must call it: the shards are written collectively.
     """
-    os.makedirs(directory, exist_ok=True)
-    if info.sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from . import save_snapshot
 
-        optim_state = get_optimizer_state_dict(unwrap(state.model), state.optimizer)
-        dcp.save({"optimizer": optim_state}, checkpoint_id=os.path.join(directory, OPTIMIZER_SHARDS_DIR))
-    elif info.is_main:
-        torch.save(state.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_NAME))
-    if info.is_main:
-        torch.save(state.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-        if state.scaler is not None:
-            torch.save(state.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.random.get_rng_state_all() if info.world_size > 1 else torch.cuda.random.get_rng_state()
-    torch.save(rng, _rng_file(directory, info))
+    save_snapshot.write(save_snapshot.capture(unwrap(state.model), state, info, include_weights=False), directory)
 
 
 def _load(path: str, device=None, *, allow_unsafe: bool = False):

@@ -45,6 +45,7 @@ import torch_xla.core.xla_model as xm
 import torch_xla.runtime as xr
 from torch import nn
 
+from ...callbacks import TrainerCallback
 from ...sharding import MeshConfig, parse_sharding_rules
 from ..base import EvalOutput, StepMetrics
 from ..torch import distributed, state_io
@@ -55,10 +56,9 @@ from ..torch.backend import (
     _current_lr,
     _is_causal_lm_class,
     _loss_shifts_labels,
-    build_lr_scheduler,
+    watch_underflow_overflow,
 )
 from ..torch.nan_guard import make_nan_guard
-from ..torch.optim import build_optimizer
 from . import spmd
 from .static_shapes import PadPolicy, Padded, batch_signature, describe_change, pad_batch
 
@@ -176,23 +176,6 @@ def _backward(loss: torch.Tensor) -> None:
         ) from exc
 
 
-class _OverriddenArgs:
-    """TrainingArguments with a few attributes replaced (read-only view)."""
-
-    def __init__(self, args, **overrides):
-        self._args, self._overrides = args, overrides
-
-    def __getattr__(self, name):
-        overrides = self.__dict__.get("_overrides", {})
-        return overrides[name] if name in overrides else getattr(self.__dict__["_args"], name)
-
-
-def _xla_optim(optim):
-    """torch's fused AdamW has no XLA kernel; the plain one does the same math and XLA fuses it anyway."""
-    name = getattr(optim, "value", optim)
-    return "adamw_torch" if name == "adamw_torch_fused" else optim
-
-
 def _max_positions(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
@@ -217,6 +200,16 @@ def _cut(tree, padding: Padded):
     return _map(tree, cut)
 
 
+class XlaMetricsReport(TrainerCallback):
+    """Prints torch_xla's metrics report (compilations, transfers, execution times) after each evaluation."""
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        import torch_xla.debug.metrics as met
+
+        if state.is_world_process_zero:
+            print(met.metrics_report(), flush=True)
+
+
 class TorchXlaBackend(TorchBackend):
     """Trains PyTorch modules with torch_xla SPMD (see the module docstring)."""
 
@@ -228,7 +221,7 @@ class TorchXlaBackend(TorchBackend):
 
     # ------------------------------------------------------------------ setup
 
-    def prepare(self, model: nn.Module, args: Any, *, compute_loss_func: Any = None) -> nn.Module:
+    def prepare(self, model: nn.Module, args: Any, *, hooks: Any) -> nn.Module:
         if not isinstance(model, nn.Module):
             raise TypeError(f"backend='torch_xla' needs a torch.nn.Module, got {type(model).__name__}.")
         if args.fp16:
@@ -244,7 +237,8 @@ class TorchXlaBackend(TorchBackend):
                 f"{xr.process_count()} processes. {MULTI_HOST_TORCH_ROUTE}."
             )
         self.args = args
-        self.compute_loss_func = compute_loss_func
+        self.hooks = hooks
+        self._optimizer, self._scaler = None, None
         self.options = XlaOptions.from_args(args)
         self.dist = distributed.DistInfo()
         self.num_processes, self.process_index = 1, 0
@@ -264,6 +258,7 @@ class TorchXlaBackend(TorchBackend):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
         self.host_model = model
         self.model, self.param_specs = spmd.place_model(model, self.placement)
+        watch_underflow_overflow(self.model, args)
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
@@ -276,24 +271,31 @@ class TorchXlaBackend(TorchBackend):
         self._label_keys = list(args.label_names or self.default_label_names())
         return model
 
-    def init_state(self, num_training_steps: int, optimizers: tuple = (None, None)) -> TorchState:
+    def wrap_for_training(self) -> nn.Module:
+        return self.model  # the device copy, sharded over the mesh; there is no further wrapper
+
+    def optimizer_target(self) -> nn.Module:
+        return self.model
+
+    def create_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        for group in optimizer.param_groups:
+            if group.get("fused"):  # torch's fused kernels have no XLA version; the plain update is the same math
+                group["fused"] = False
+            # The multi-tensor update traces a third faster than the per-parameter loop (same math).
+            if "foreach" in group and group["foreach"] is None:
+                group["foreach"] = True
+        return optimizer
+
+    def init_state(self, num_training_steps: int, optimizer: Any, scheduler: Any) -> TorchState:
         args = self.args
-        optimizer, scheduler = optimizers
-        if optimizer is None:
-            optimizer = build_optimizer(self.model, _OverriddenArgs(args, optim=_xla_optim(args.optim)))
-            for group in optimizer.param_groups:
-                # The multi-tensor update traces a third faster than the per-parameter loop (same math).
-                if "foreach" in group and group["foreach"] is None and not group.get("fused"):
-                    group["foreach"] = True
-        else:
-            self._adopt_optimizer(optimizer)
-        if scheduler is None:
-            scheduler = build_lr_scheduler(optimizer, args, num_training_steps)
+        self._adopt_optimizer(optimizer)  # one built over the user's CPU model follows the device parameters
         self._graphs = 0
         self._seen: set = set()
         self._last_signature = None
         self._steps = 0
         self.compile_events = []
+        self._optimizer = optimizer
         guard = make_nan_guard(args, self.device)
         return TorchState(model=self.model, optimizer=optimizer, scheduler=scheduler, scaler=None, nan_guard=guard)
 
@@ -343,21 +345,16 @@ class TorchXlaBackend(TorchBackend):
 
     def train_step(self, state: TorchState, window: DeviceWindow, num_items_in_batch: int | None, events):
         model, optimizer = state.model, state.optimizer
-        model.train()
+        self._optimizer = optimizer
         signature = (window.signature, num_items_in_batch is not None, bool(optimizer.state))
         compiled_before = spmd.compile_count()
         num_items = self._num_items_tensor(num_items_in_batch)
-        scaled_for_ga = (self.accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
         batches = window.batches
         # Shapes only (no device read): the analytic FLOPs of this step, for the `mfu` log.
         self._step_ids_shapes = [tuple(b["input_ids"].shape) for b in batches if "input_ids" in b]
         losses = []
         for i, inputs in enumerate(batches):
-            with self._autocast():
-                loss = self._compute_loss(model, inputs, num_items)
-            if not scaled_for_ga:
-                loss = loss / len(batches)
-            _backward(loss)
+            loss = self.hooks.training_step(model, inputs, num_items)  # forward + backward, in the lazy graph
             losses.append(loss.detach().float())
             if i < len(batches) - 1:
                 # One graph per micro-batch: the step's graphs do not depend on the window length.
@@ -470,17 +467,32 @@ class TorchXlaBackend(TorchBackend):
             raise XlaRecompilationError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def eval_step(self, state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch=None):
-        run_state = state if state is not None else TorchState(model=self.model)
-        out = super().eval_step(run_state, batch, prediction_loss_only, ignore_keys, label_names, num_items_in_batch)
+    def backward(self, loss: torch.Tensor) -> None:
+        _backward(loss)
+
+    def extra_callbacks(self) -> list:
+        """debug="tpu_metrics_debug": torch_xla's metrics report after every evaluation, as transformers prints it."""
+        debug = [getattr(d, "value", d) for d in getattr(self.args, "debug", []) or []]
+        return [XlaMetricsReport()] if "tpu_metrics_debug" in debug else []
+
+    def eval_model(self, state) -> nn.Module:
+        return self.model
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None, count_items: bool = True):
+        out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, count_items=count_items)
         spmd.sync()
-        padding = getattr(batch, "padding", None)
-        if padding is not None and padding.changed and not prediction_loss_only:
-            out = EvalOutput(out.loss, _cut(out.logits, padding), _cut(out.labels, padding))
-            spmd.sync()  # a small graph of slices; the forward graph stays the same for every batch
         return out
 
-    def generate(self, state, batch, gen_kwargs: dict):
+    def trim_padding(self, output: EvalOutput, batch) -> EvalOutput:
+        """Cuts the rows and positions that static-shape padding added to an eval batch off its outputs."""
+        padding = getattr(batch, "padding", None)
+        if padding is None or not padding.changed or (output.logits is None and output.labels is None):
+            return output
+        out = EvalOutput(output.loss, _cut(output.logits, padding), _cut(output.labels, padding))
+        spmd.sync()  # a small graph of slices; the forward graph stays the same for every batch
+        return out
+
+    def generate(self, model, batch, gen_kwargs: dict):
         """Static-shape greedy / beam decoding of encoder-decoder models (generation.py): one graph per step
         shape, shared by every step and every batch. Returns CPU ids of the batch's real rows."""
         from .generation import resolve_settings, static_generate
@@ -495,7 +507,7 @@ class TorchXlaBackend(TorchBackend):
         padding = getattr(batch, "padding", None)
         rows = padding.rows if padding is not None else int(batch["input_ids"].shape[0])
         model.eval()
-        with self._autocast():
+        with self.autocast_context():
             return static_generate(model, dict(batch), settings, real_rows=rows, sync=spmd.sync, to_cpu=spmd.to_cpu)
 
     # ------------------------------------------------------------------ host side
@@ -533,7 +545,7 @@ class TorchXlaBackend(TorchBackend):
     def barrier(self) -> None:
         return None
 
-    def preemption_requested(self, step: int, local_flag: bool) -> bool:
+    def preemption_requested(self, step: int, local_flag: bool, *, final: bool = False) -> bool:
         return local_flag  # one process (multi-process runs are refused in prepare)
 
     # ------------------------------------------------------------------ weights and state I/O
@@ -553,9 +565,12 @@ class TorchXlaBackend(TorchBackend):
         specs = {id(p): self.param_specs.get(n) for n, p in self.model.named_parameters()}  # no host read
         spmd.shard_optimizer_state(optimizer, self.placement, specs)
 
+    def model_state_for_save(self, state, copy: bool = False) -> None:
+        self._pull_weights()  # the user's CPU model gets the device weights; export_model writes it
+        return None
+
     def save(self, state: TorchState, directory: str, *, save_only_model: bool = False) -> None:
-        self._pull_weights()
-        state_io.save_model_weights(self.host_model, directory, self.dist)
+        """Optimizer, scheduler and RNG state (the model files are written by the Trainer's `_save`)."""
         if save_only_model:
             return
         host_view = TorchState(model=self.host_model, optimizer=_HostOptimizer(state.optimizer), scheduler=state.scheduler)
@@ -569,8 +584,11 @@ class TorchXlaBackend(TorchBackend):
         }
         torch.save(rng, os.path.join(directory, "rng_state.pth"))
 
-    def restore(self, state: TorchState, directory: str) -> TorchState:
-        self.load_model_weights(state, directory)
+    def restore(self, state: TorchState, directory: str, *, include_model: bool = True) -> TorchState:
+        if include_model:
+            self.load_model_weights(state, directory)
+        else:  # the Trainer's _load_from_checkpoint loaded them into the CPU model: send them to the device
+            self._push_weights()
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
         state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
         self._reshard_optimizer(state.optimizer)
@@ -587,9 +605,8 @@ class TorchXlaBackend(TorchBackend):
         state_io.load_model_weights(self.host_model, directory, self.dist, allow_unsafe=unsafe)
         self._push_weights()
 
-    def export_model(self, state, directory: str) -> None:
-        self._pull_weights()
-        state_io.save_model_weights(self.host_model, directory, self.dist)
+    def export_model(self, state, directory: str, state_dict: dict | None = None) -> None:
+        state_io.write_model_weights(self.host_model, directory, state_dict)
 
     def finalize(self, state) -> nn.Module:
         self._pull_weights()

@@ -1,0 +1,41 @@
+"""A transformers torch model trained on the jax backend (torchax) keeps transformers' surface: checkpoints hold
+its model files, and metrics code gets torch tensors."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchax")
+transformers = pytest.importorskip("transformers")
+
+import xtrainer  # noqa: E402
+from helpers import lm_data, tiny_gpt2  # noqa: E402
+
+
+def test_torchax_checkpoints_have_model_files_and_metrics_see_torch_tensors(tmp_path):
+    seen = []
+
+    def preprocess(logits, labels):
+        seen.append((type(logits), type(labels)))
+        return logits.argmax(-1)  # torch code
+
+    def metrics(prediction):
+        return {"n": float(np.asarray(prediction.predictions).size)}
+
+    args = xtrainer.TrainingArguments(str(tmp_path), backend="jax", per_device_train_batch_size=1,
+                                      per_device_eval_batch_size=1, max_steps=2, save_steps=2, report_to="none",
+                                      disable_tqdm=True)
+    data = lm_data(16)
+    trainer = xtrainer.Trainer(model=tiny_gpt2(), args=args, train_dataset=data, eval_dataset=data[:8],
+                               preprocess_logits_for_metrics=preprocess, compute_metrics=metrics)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "jax_state").is_dir()
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(checkpoint))
+    trained = dict(trainer.model.named_parameters())
+    for name, value in reloaded.named_parameters():
+        np.testing.assert_allclose(value.detach().numpy(), trained[name].detach().numpy(), atol=1e-6)
+    assert trainer.evaluate()["eval_n"] == 8 * 16
+    assert seen and all(kind is torch.Tensor for pair in seen for kind in pair)
