@@ -12,8 +12,10 @@ import os
 import pytest
 
 pytest.importorskip("flax")
-if importlib.util.find_spec("libtpu") is None:
-    pytest.skip("libtpu (the TPU compiler) is not installed: pip install 'xtrainer[plan]'", allow_module_level=True)
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu (the TPU compiler) is not installed: "
+                                                         "pip install 'xtrainer[plan]'")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import xtrainer  # noqa: E402
 from xtrainer import cli  # noqa: E402
@@ -31,6 +33,7 @@ def _args(tmp, **fields):
     return xtrainer.TrainingArguments(str(tmp), **fields)
 
 
+@needs_libtpu
 @pytest.fixture(scope="module")
 def micro_plan(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan")
@@ -78,6 +81,7 @@ def test_the_report_is_written_as_json_next_to_the_hlo_and_prints_as_a_table(mic
         assert expected in table
 
 
+@needs_libtpu
 def test_trainer_plan_compiles_the_trainers_step_and_counts_every_accumulation_step(tmp_path):
     model = abstract_llama("llama-tiny", **MICRO)
     rows = [{"input_ids": [1] * SEQ, "labels": [1] * SEQ}] * 16
@@ -94,6 +98,7 @@ def test_trainer_plan_compiles_the_trainers_step_and_counts_every_accumulation_s
         trainer.train()
 
 
+@needs_libtpu
 def test_cli_plans_a_config_json_and_prints_json(tmp_path, capsys):
     config = dict(MICRO, max_position_embeddings=256)
     path = tmp_path / "config.json"
@@ -108,16 +113,35 @@ def test_cli_plans_a_config_json_and_prints_json(tmp_path, capsys):
     assert os.path.exists(tmp_path / "out" / "plan" / "v6e-1" / "plan.json")
 
 
+@needs_libtpu
 def test_a_step_that_does_not_fit_names_the_biggest_arrays_and_the_knobs(tmp_path):
+    import dataclasses
+
+    from xtrainer.tpu_presets import load_preset
+
+    # The micro step needs a few MiB; a v5e chip shrunk to 1 MiB of HBM cannot hold it.
+    tiny_chip = dataclasses.replace(load_preset("v5e-1"), hbm_gib_per_chip=1 / 1024)
+    model = abstract_llama("llama-tiny", **MICRO)
+    with pytest.raises(StepDoesNotFit) as info:
+        plan(model, _args(tmp_path, per_device_train_batch_size=4), tiny_chip, seq_len=SEQ, output_dir="")
+    message = str(info.value)
+    assert "does not fit on v5e-1" in message and "the chip has 0.00 GiB" in message
+    assert "embed_tokens" in message and "lm_head" in message  # the biggest arrays, by name
+    assert "To make it fit" in message and "per_device_train_batch_size (now 4; try 2)" in message
+    assert "optim='adafactor'" in message
+    assert info.value.available == 2**20 and info.value.needed > 2**20
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_tpu_compiler_refuses_a_step_bigger_than_hbm(tmp_path):
     # 1.6B parameters in two 393216 x 2048 tables: 24 GiB of weights, gradients and AdamW state on one 16 GiB chip.
     big = abstract_llama("llama-tiny", num_hidden_layers=1, hidden_size=2048, intermediate_size=128,
                          num_attention_heads=16, num_key_value_heads=16, vocab_size=393216, remat=False)
     with pytest.raises(StepDoesNotFit) as info:
         plan(big, _args(tmp_path, per_device_train_batch_size=1), "v5e-1", seq_len=16, output_dir="")
     message = str(info.value)
-    assert "does not fit on v5e-1" in message
-    assert "embed_tokens" in message and "lm_head" in message  # the biggest arrays, by name
-    assert "To make it fit" in message and "fsdp" in message and "optim='adafactor'" in message
+    assert "does not fit on v5e-1" in message and "embed_tokens" in message and "lm_head" in message
     assert info.value.available == 16 * GIB
 
 
@@ -130,6 +154,12 @@ def test_missing_libtpu_is_one_line_saying_what_to_install(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
     assert "pip install 'xtrainer[plan]'" in err
+    # ... and that extra exists: jax's tpu extra, which pins the libtpu matching jax.
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        extras = tomllib.load(handle)["project"]["optional-dependencies"]
+    assert any(req.startswith("jax[tpu]") for req in extras["plan"])
 
 
 def test_largest_fitting_batch_doubles_then_bisects():
@@ -149,6 +179,7 @@ def test_largest_fitting_batch_doubles_then_bisects():
     assert largest_fitting_batch(lambda b: (_ for _ in ()).throw(StepDoesNotFit("no")), 4) == (0, None)
 
 
+@needs_libtpu
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESET_PLANS))
 def test_every_preset_fits_its_reference_model(preset, tmp_path):
