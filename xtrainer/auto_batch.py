@@ -72,6 +72,7 @@ def train_with_batch_search(trainer, run: Callable[[], Any], resume_dir: str | N
     while True:
         if args.per_device_train_batch_size <= 0:
             raise RuntimeError("No executable batch size found, reached zero.")
+        trainer._train_batch_size = args.per_device_train_batch_size  # what the loop reads (transformers' name)
         try:
             return run()
         except Exception as exc:  # noqa: BLE001 - anything that is not out-of-memory is re-raised as it is
