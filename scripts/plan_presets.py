@@ -88,8 +88,10 @@ def render(results: dict[str, dict]) -> str:
         "",
         "Each preset compiled with `xtrainer plan` on a CPU-only machine (no TPU): xtrainer's reference Llama "
         "(`xtrainer/planning/reference.py`: fp32 master weights, bf16 compute, AdamW, per-layer remat) with "
-        "the preset's own mesh. Figures are per device, from the compiled program; the step time and MFU "
-        "are a roofline estimate from the chip figures in each preset file (`chip:`), not a measurement. "
+        "the preset's own mesh. Figures are per device, from the compiled program. The step time and MFU "
+        "are a roofline from the chip figures in each preset file (`chip:`), not a measurement: the step "
+        "time is a lower bound (every operation at the chip's peak compute, HBM or ICI bandwidth, the HBM "
+        "traffic being the bytes each compiled operation reads and writes), so the MFU is an upper bound. "
         f"Compiled with jax {versions.get('jax', '?')} and libtpu {versions.get('libtpu', '?')}; written by "
         "`scripts/plan_presets.py`.",
         "",
