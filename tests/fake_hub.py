@@ -16,11 +16,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeHub:
-    def __init__(self, user: str = "tester"):
+    def __init__(self, user: str = "tester", refuse_commits: bool = False):
         self.user = user
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "files": {path: bytes}, "commits": [...]}
         self.requests: list[tuple[str, str]] = []
         self.commit_delay = 0.0  # seconds each commit takes (to keep an upload "in flight")
+        self.commit_delays: list[float] = []  # per commit, in arrival order (then commit_delay)
+        self.refuse_commits = refuse_commits  # answer every commit with an error 400 (not retried by the client)
         self.lock = threading.Lock()
         hub = self
 
@@ -79,7 +81,11 @@ class FakeHub:
             def _commit(self, repo_id: str, body: bytes, revision: str = "main"):
                 import time
 
-                time.sleep(hub.commit_delay)
+                with hub.lock:
+                    delay = hub.commit_delays.pop(0) if hub.commit_delays else hub.commit_delay
+                time.sleep(delay)
+                if hub.refuse_commits:
+                    return self._reply(400, {"error": "commit refused by the fake hub"})
                 repo = hub.repos.get(repo_id)
                 if repo is None:
                     return self._reply(404, {"error": "repository not found"})
@@ -101,7 +107,7 @@ class FakeHub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self.thread.start()

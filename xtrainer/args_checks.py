@@ -10,6 +10,7 @@ from .trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 
 BACKENDS = ("auto", "jax", "torch", "torch_xla")
 LOG_LEVELS = {
+    "detail": logging.DEBUG,  # transformers' name for debug with file names and line numbers
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
@@ -88,8 +89,9 @@ def validate(args) -> None:
                  "(or load_best_model_at_end=True, which ranks by the loss).")
         if args.eval_strategy == IntervalStrategy.NO:
             fail("save_strategy='best' needs evaluations: set `eval_strategy` to 'steps' or 'epoch'.")
-    if args.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU and args.eval_strategy == IntervalStrategy.NO:
-        fail("lr_scheduler_type='reduce_lr_on_plateau' requires an `eval_strategy` other than 'no'.")
+    metric_driven = (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
+    if args.lr_scheduler_type in metric_driven and args.eval_strategy == IntervalStrategy.NO:
+        fail(f"lr_scheduler_type='{args.lr_scheduler_type.value}' requires an `eval_strategy` other than 'no'.")
 
     if args.fp16 and args.bf16:
         fail("`fp16` and `bf16` cannot both be True; pick one.")

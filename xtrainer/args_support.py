@@ -49,8 +49,12 @@ class Script:
 
 
 FRONT = "tests/args/test_front_fields.py::"
-HUB = "tests/args_real/test_hub_fields.py::"
 BACK = "tests/args/test_backend_fields.py::"
+MEM = "tests/args_real/test_skip_memory_metrics.py::"
+HUB = "tests/args_real/test_hub_fields.py::"
+REAL = "tests/args_real/"
+LOADERS = "tests/unit/test_loaders.py::"
+PIPELINE = "tests/integration/test_input_pipeline.py::"
 
 
 def _acts(*tests: str, note: str = "") -> Acts:
@@ -64,6 +68,12 @@ def everywhere(decision) -> dict[str, Any]:
 def front(*tests: str, note: str = "") -> dict[str, Any]:
     """Acts on every backend through the shared loop; the tests are parametrised over the backends."""
     return everywhere(_acts(*(FRONT + t for t in tests), note=note))
+
+
+def _optimizer_proof() -> dict[str, Any]:
+    """The optimizer hyperparameters: they change the weights (front test) and exactly as AdamW does (numpy reference)."""
+    return everywhere(_acts(FRONT + "test_optimizer_fields",
+                            "tests/args/test_adamw_reference.py::test_adamw_hyperparameters_reach_the_update"))
 
 
 def per_backend(torch, jax, torch_xla) -> dict[str, Any]:
@@ -105,17 +115,24 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "warmup_steps": front("test_learning_rate_schedule"),
     "optim": front("test_optimizer_fields"),
     "optim_args": front("test_optimizer_fields"),
-    "optim_target_modules": everywhere(NoEffect("only GaLore / APOLLO optimizers read it, and no such optimizer runs "
-                                                "in this version; leave it unset")),
-    "weight_decay": front("test_optimizer_fields"),
-    "adam_beta1": front("test_optimizer_fields"),
-    "adam_beta2": front("test_optimizer_fields"),
-    "adam_epsilon": front("test_optimizer_fields"),
-    "max_grad_norm": front("test_optimizer_fields"),
+    "optim_target_modules": per_backend(
+        torch=_acts("tests/backends/torch/test_torch_optimizers.py::test_optimizer_trains_as_transformers_runs_it",
+                    note="read by the GaLore / APOLLO optim values, as in transformers"),
+        jax=NoEffect("only GaLore / APOLLO optimizers read it, and they cannot run on jax (they hook torch nn.Linear "
+                     "modules); use backend='torch'"),
+        torch_xla=_acts("tests/backends/torch_xla/test_torch_xla_optimizers.py::test_optimizer_matches_the_torch_backend",
+                        note="read by the GaLore optim values (APOLLO cannot run on torch_xla)"),
+    ),
+    "weight_decay": _optimizer_proof(),
+    "adam_beta1": _optimizer_proof(),
+    "adam_beta2": _optimizer_proof(),
+    "adam_epsilon": _optimizer_proof(),
+    "max_grad_norm": _optimizer_proof(),
     "label_smoothing_factor": per_backend(
         torch=_acts("tests/parity/test_hf_trainer_parity.py::test_label_smoothing_matches_hf", BACK + "test_label_smoothing"),
-        jax=NoEffect("label smoothing is computed by the torch backends only in this version; smooth the targets in "
-                     "compute_loss or use backend='torch'"),
+        jax=_acts(REAL + "test_label_smoothing_factor.py::test_jax_reference_llama_matches_torch_backend",
+                  REAL + "test_label_smoothing_factor.py::test_torchax_gpt2_matches_torch_backend",
+                  note="the default compute_loss smooths in the compiled step, as transformers' LabelSmoother"),
         torch_xla=_acts(BACK + "test_label_smoothing"),
     ),
     # ---- precision
@@ -125,10 +142,22 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "fp16": per_backend(torch=_acts("tests/backends/torch/test_torch_backend.py::test_fp16_checkpoint_has_scaler_state"),
                         jax=_acts("tests/fault/test_nan_policy.py::test_fp16_skip_keeps_the_loss_scale"),
                         torch_xla=Refused("fp16 needs a loss scaler XLA does not run; use bf16=True")),
-    "bf16_full_eval": everywhere(NoEffect("evaluation runs in the training precision (bf16=True casts the compute) in "
-                                          "this version; cast the model yourself before evaluate()")),
-    "fp16_full_eval": everywhere(NoEffect("evaluation runs in the training precision in this version; cast the model "
-                                          "yourself before evaluate()")),
+    "bf16_full_eval": per_backend(
+        torch=_acts(REAL + "test_bf16_full_eval.py::test_torch_matches_transformers",
+                    REAL + "test_bf16_full_eval.py::test_torch_evaluation_during_training_keeps_float32"),
+        jax=_acts(REAL + "test_bf16_full_eval.py::test_jax_reference_model_evaluates_with_half_precision_weights",
+                  REAL + "test_bf16_full_eval.py::test_jax_evaluation_during_training_keeps_training_precision",
+                  REAL + "test_bf16_full_eval.py::test_torchax_evaluates_in_half_precision",
+                  note="the eval step casts the weights and float inputs; the trained fp32 weights stay as they are"),
+        torch_xla=_acts(REAL + "test_bf16_full_eval.py::test_torch_xla_evaluates_in_half_precision")),
+    "fp16_full_eval": per_backend(
+        torch=_acts(REAL + "test_fp16_full_eval.py::test_torch_matches_transformers",
+                    REAL + "test_fp16_full_eval.py::test_torch_evaluation_during_training_keeps_float32"),
+        jax=_acts(REAL + "test_fp16_full_eval.py::test_jax_reference_model_evaluates_with_half_precision_weights",
+                  REAL + "test_fp16_full_eval.py::test_jax_evaluation_during_training_keeps_training_precision",
+                  REAL + "test_fp16_full_eval.py::test_torchax_evaluates_in_half_precision",
+                  note="the eval step casts the weights and float inputs; the trained fp32 weights stay as they are"),
+        torch_xla=_acts(REAL + "test_fp16_full_eval.py::test_torch_xla_evaluates_in_half_precision")),
     "tf32": per_backend(torch=_acts(BACK + "test_tf32", note="TF32 matmuls on CUDA; an error without an Ampere GPU, as in "
                                     "transformers"),
                         jax=NoEffect("XLA chooses matmul precision; use jax.default_matmul_precision"),
@@ -154,7 +183,10 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "logging_strategy": front("test_logging"),
     "logging_steps": front("test_logging"),
     "logging_first_step": front("test_logging"),
-    "log_on_each_node": front("test_process_roles"),
+    "log_on_each_node": per_backend(
+        torch=_acts(FRONT + "test_process_roles", "tests/args/test_two_nodes.py::test_two_torch_nodes"),
+        jax=_acts(FRONT + "test_process_roles", "tests/backends/jax/test_multihost.py::test_two_processes_match_one_process"),
+        torch_xla=_acts(FRONT + "test_process_roles")),
     "logging_nan_inf_filter": front("test_logging_nan_inf_filter"),
     "nan_policy": per_backend(torch=_acts("tests/fault/test_nan_policy.py::test_torch_skip_equals_run_without_the_bad_batch"),
                               jax=_acts("tests/fault/test_nan_policy.py::test_jax_skip_equals_run_without_the_bad_batch_with_no_host_sync"),
@@ -180,7 +212,10 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "save_steps": front("test_saving_and_rotation"),
     "save_total_limit": front("test_saving_and_rotation"),
     "save_only_model": front("test_saving_and_rotation"),
-    "save_on_each_node": front("test_process_roles"),
+    "save_on_each_node": per_backend(
+        torch=_acts(FRONT + "test_process_roles", "tests/args/test_two_nodes.py::test_two_torch_nodes",
+                    note="each node's first process writes a whole checkpoint into its own output_dir"),
+        jax=_acts(FRONT + "test_process_roles"), torch_xla=_acts(FRONT + "test_process_roles")),
     "load_best_model_at_end": front("test_best_model"),
     "metric_for_best_model": front("test_best_model"),
     "greater_is_better": front("test_best_model"),
@@ -190,14 +225,20 @@ SUPPORT: dict[str, dict[str, Any]] = {
         torch=_acts("tests/fault/test_safe_loading.py::test_opt_in_unpickles_fully"),
         jax=NoEffect("orbax checkpoints hold arrays, not pickles: there is nothing unsafe to allow"),
         torch_xla=_acts("tests/fault/test_safe_loading.py::test_opt_in_unpickles_fully")),
-    "enable_jit_checkpoint": front("test_sigterm_checkpoint_needs_enable_jit_checkpoint"),
+    "enable_jit_checkpoint": per_backend(
+        torch=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint"),
+        jax=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint",
+                  "tests/args/test_jax_sigterm_default.py::test_sigterm_outside_train_on_a_multi_host_jax_run"),
+        torch_xla=_acts(FRONT + "test_sigterm_checkpoint_needs_enable_jit_checkpoint")),
     # ---- reproducibility and hardware
     "seed": front("test_data_order"),
     "data_seed": front("test_data_order"),
     "full_determinism": per_backend(
         torch=_acts(BACK + "test_full_determinism_on_torch"),
-        jax=NoEffect("XLA:CPU and TPU steps are deterministic already; on GPU set "
-                     "XLA_FLAGS=--xla_gpu_deterministic_ops=true before JAX starts"),
+        jax=_acts(REAL + "test_full_determinism.py::test_flags_reach_the_compiler_and_two_runs_are_bitwise_equal",
+                  REAL + "test_full_determinism.py::test_trainer_steps_compile_with_the_options_after_jax_started",
+                  note="xla_gpu_deterministic_ops for the process (when JAX has not started) and for every step it "
+                       "compiles; XLA:CPU and TPU steps are deterministic already"),
         torch_xla=NoEffect("XLA steps are deterministic on TPU and CPU already")),
     "use_cpu": per_backend(torch=_acts("tests/backends/torch/test_torch_backend.py::test_device_is_chosen_automatically"),
                            jax=NoEffect("JAX picks its platform when it starts; set JAX_PLATFORMS=cpu"),
@@ -211,13 +252,23 @@ SUPPORT: dict[str, dict[str, Any]] = {
                          torch_xla=_acts(BACK + "test_debug_tpu_metrics_on_torch_xla")),
     # ---- data loading
     "dataloader_drop_last": front("test_run_length_and_batching"),
-    "dataloader_num_workers": everywhere(NoEffect("batches are collated in the training process in this version")),
-    "dataloader_pin_memory": everywhere(NoEffect("batches are placed on the device from unpinned host memory in this version")),
-    "dataloader_persistent_workers": everywhere(NoEffect("batches are collated in the training process in this version")),
-    "dataloader_prefetch_factor": everywhere(NoEffect("batches are collated in the training process in this version; the "
-                                                      "next window is placed on the device while a step runs")),
-    "dataloader_multiprocessing_context": everywhere(NoEffect("batches are collated in the training process in this version")),
-    "dataloader_in_order": everywhere(NoEffect("batches always arrive in order in this version")),
+    # The loader is the front's (loaders.py, data_workers.py): its worker processes serve every backend.
+    "dataloader_num_workers": everywhere(_acts(
+        LOADERS + "test_batches_are_identical_for_0_1_2_4_workers_with_a_random_collator",
+        PIPELINE + "test_the_loss_curve_is_the_same_for_0_and_2_workers_on_torch_and_jax",
+        note="worker processes make the batches; the same batches as with none")),
+    "dataloader_pin_memory": per_backend(
+        torch=_acts(LOADERS + "test_dataloader_fields_reach_the_worker_processes",
+                    note="on CUDA, with dataloader_num_workers > 0"),
+        jax=NoEffect("JAX stages its host-to-device copies itself; nothing to set"),
+        torch_xla=NoEffect("torch_xla stages its host-to-device copies itself; nothing to set")),
+    "dataloader_persistent_workers": everywhere(_acts(PIPELINE + "test_persistent_workers_serve_every_evaluation",
+                                                      LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
+    "dataloader_prefetch_factor": everywhere(_acts(LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
+    "dataloader_multiprocessing_context": everywhere(_acts(LOADERS + "test_spawned_workers_give_the_same_batches",
+                                                           LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
+    "dataloader_in_order": everywhere(_acts(LOADERS + "test_out_of_order_batches_resume_without_repeating_or_losing_any",
+                                            LOADERS + "test_dataloader_fields_reach_the_worker_processes")),
     "remove_unused_columns": front("test_data_order"),
     "label_names": front("test_evaluation_outputs"),
     "train_sampling_strategy": front("test_data_order"),
@@ -231,9 +282,27 @@ SUPPORT: dict[str, dict[str, Any]] = {
         torch_xla=_acts("tests/integration/test_auto_find_batch_size.py::test_torch_xla_restarts_after_resource_exhausted",
                         note="RESOURCE_EXHAUSTED restarts training with int(0.9 x batch)"),
     ),
-    "neftune_noise_alpha": everywhere(NoEffect("NEFTune embedding noise is not applied in this version")),
-    "torch_empty_cache_steps": everywhere(NoEffect("the accelerator cache is not emptied in this version")),
-    "skip_memory_metrics": everywhere(_acts("tests/args_real/test_skip_memory_metrics.py::test_memory_metrics_per_stage")),
+    "neftune_noise_alpha": per_backend(
+        torch=_acts(REAL + "test_neftune_noise_alpha.py::test_torch_hook_equals_transformers_hook",
+                    REAL + "test_neftune_noise_alpha.py::test_torch_backend_noises_training_embeddings_only"),
+        jax=_acts(REAL + "test_neftune_noise_alpha.py::test_jax_flax_llama_noise_follows_the_step_rng",
+                  REAL + "test_neftune_noise_alpha.py::test_jax_noise_has_the_exact_bound",
+                  REAL + "test_neftune_noise_alpha.py::test_torchax_gpt2_noise_follows_the_step_rng",
+                  note="torch modules (torchax) and xtrainer's Flax Llama/BERT/T5; other Flax models are refused"),
+        torch_xla=_acts(REAL + "test_neftune_noise_alpha.py::test_torch_xla_noises_training_only")),
+    "torch_empty_cache_steps": per_backend(
+        torch=_acts(REAL + "test_torch_empty_cache_steps.py::test_cache_is_emptied_every_n_steps_for_each_micro_batch",
+                    REAL + "test_torch_empty_cache_steps.py::test_resume_continues_the_step_count",
+                    note="CUDA/ROCm, XPU, MPS and NPU caches; on CPU it says once that there is none"),
+        jax=NoEffect("XLA's runtime owns device memory and keeps no allocator cache to hand back; lower "
+                     "XLA_PYTHON_CLIENT_MEM_FRACTION or set XLA_PYTHON_CLIENT_PREALLOCATE=false to leave memory free"),
+        torch_xla=NoEffect("the XLA runtime owns device memory and keeps no allocator cache to hand back")),
+    "skip_memory_metrics": per_backend(
+        torch=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the CUDA allocator's figures on GPUs"),
+        jax=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS; the devices' memory_stats() where the "
+                  "runtime reports them (JAX's CPU devices report none: RSS only)"),
+        torch_xla=_acts(MEM + "test_memory_metrics_per_stage", note="process RSS only; the XLA devices' memory is not "
+                        "measured")),
     "use_liger_kernel": per_backend(
         torch=Refused("xtrainer does not patch models with Liger's Triton kernels in this version; train without it, "
                       "or apply liger_kernel.transformers to the model yourself before building the Trainer"),
@@ -254,12 +323,24 @@ SUPPORT: dict[str, dict[str, Any]] = {
                                          torch_xla=_NOT_ON_XLA_DDP),
     "ddp_static_graph": per_backend(torch=_acts(BACK + "test_ddp_fields_reach_ddp"), jax=_NOT_ON_JAX_DDP,
                                     torch_xla=_NOT_ON_XLA_DDP),
-    "fsdp": per_backend(torch=_acts("tests/backends/torch/test_distributed.py::test_fsdp_matches_one_process_with_doubled_batch"),
-                        jax=NoEffect("use mesh={'fsdp': N} to shard parameters over N devices"),
-                        torch_xla=NoEffect("use mesh={'fsdp': N} to shard parameters over N devices")),
-    "fsdp_config": per_backend(torch=_acts(BACK + "test_fsdp_config_layer_classes"),
-                               jax=NoEffect("use mesh={'fsdp': N} and sharding_rules"),
-                               torch_xla=NoEffect("use mesh={'fsdp': N} and sharding_rules")),
+    "fsdp": per_backend(torch=_acts("tests/backends/torch/test_distributed.py::test_fsdp_matches_one_process_with_doubled_batch",
+                                    REAL + "test_fsdp.py::test_fsdp_values_read_as_transformers_maps_them"),
+                        jax=_acts(REAL + "test_fsdp.py::test_jax_full_shard_shards_parameters_over_all_devices",
+                                  note="an fsdp mesh axis over all devices (hybrid_shard: data over hosts); "
+                                       "shard_grad_op says once that XLA schedules the gathers"),
+                        torch_xla=_acts(REAL + "test_fsdp.py::test_torch_xla_full_shard_shards_parameters_over_all_devices",
+                                        note="an fsdp mesh axis over all devices")),
+    "fsdp_config": per_backend(torch=_acts(BACK + "test_fsdp_config_layer_classes",
+                                           REAL + "test_fsdp_config.py::test_reshard_after_forward",
+                                           REAL + "test_fsdp_config.py::test_min_num_params_wraps_every_module_above_the_threshold",
+                                           REAL + "test_fsdp_config.py::test_sharded_state_dict_checkpoints",
+                                           note="every key FSDP2 has; FSDP1-only keys say once that they do nothing"),
+                               jax=_acts(REAL + "test_fsdp_config.py::test_jax_min_num_params_and_activation_checkpointing",
+                                         note="min_num_params and activation_checkpointing act; keys the SPMD "
+                                              "partitioner decides itself say so once"),
+                               torch_xla=_acts(REAL + "test_fsdp.py::test_torch_xla_full_shard_shards_parameters_over_all_devices",
+                                               note="min_num_params and activation_checkpointing act; keys the SPMD "
+                                                    "partitioner decides itself say so once")),
     "accelerator_config": everywhere(NoEffect(f"{_NO_ACCELERATE}; leave it unset")),
     "parallelism_config": everywhere(NoEffect(f"{_NO_ACCELERATE}; describe parallelism with mesh= (jax, torch_xla) or "
                                               "fsdp= under torchrun (torch)")),

@@ -68,7 +68,10 @@ class CheckpointWriter:
 
     @property
     def is_main(self) -> bool:
-        return self.backend.process_index == 0
+        """Whether this process owns the checkpoint directory (prepares, completes, publishes and rotates it):
+        process 0, or on a backend that writes a checkpoint per node (torch with save_on_each_node) the first
+        process of each node, into that node's own output_dir."""
+        return bool(getattr(self.backend, "writes_checkpoint_files", self.backend.process_index == 0))
 
     # ------------------------------------------------------------------ the protocol
 
@@ -95,7 +98,8 @@ class CheckpointWriter:
 
     def save(self, step: int, state: Any, *, save_only_model: bool, write_front_files: Callable[[str], None],
              write_model_files: Callable[[str], None] | None = None, model_files_in_background: bool = False,
-             after_publish: Callable[[], None] | None = None) -> None:
+             after_publish: Callable[[], None] | None = None,
+             write_process_files: Callable[[str], None] | None = None) -> None:
         """Saves checkpoint `step` (collective: every process calls it, in the same order).
 
         Args:
@@ -106,6 +110,8 @@ class CheckpointWriter:
             write_model_files: writes the model files (the Trainer's `_save`) on the processes that write them;
                 in the step loop, or with the rest of an asynchronous save when model_files_in_background.
             after_publish: runs on process 0 once the checkpoint is published (rotation).
+            write_process_files: writes this process's own small files (its data position) into the
+                temporary directory, on every process, in the step loop (they describe this moment).
 
         Raises:
             CheckpointDiskFullError / CheckpointWriteError: this save (when synchronous) or the
@@ -136,6 +142,8 @@ class CheckpointWriter:
                                     background=self.asynchronous)
             else:
                 self.backend.save(state, tmp, save_only_model=save_only_model)
+            if write_process_files is not None:
+                write_process_files(tmp)
             if self.is_main:
                 write_front_files(tmp)
             if write_model_files is not None and not model_files_in_background:

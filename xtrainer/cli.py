@@ -22,6 +22,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .extras import MissingExtraError
+
 # (label, distribution names to try) for the version table.
 VERSIONED = (
     ("xtrainer", ("xtrainer",)),
@@ -350,7 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingExtraError as exc:  # one line naming the extra to install, not a traceback
+        print(exc, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -246,7 +246,38 @@ def batch_to_numpy(batch: Any) -> Batch:
             continue
         out[key] = to_numpy(value)
         _check_array(key, out[key])
+    check_batch_shapes(out)
     return out
+
+
+#: Fields that hold one value per token of `input_ids` (so they must have its shape).
+_TOKEN_ALIGNED = ("attention_mask", "token_type_ids", "position_ids", "special_tokens_mask")
+
+
+def check_batch_shapes(batch: Mapping[str, np.ndarray]) -> None:
+    """Fails, naming the key, when a collated batch's fields disagree (a model would fail deep inside).
+
+    Token-aligned fields must have the shape of `input_ids` (`decoder_attention_mask`: of
+    `decoder_input_ids`), and `labels` the same number of rows. Other fields are left alone (a
+    flattening collator's `cu_seq_lens` legitimately has its own shape).
+    """
+    pairs = [("input_ids", key, True) for key in _TOKEN_ALIGNED]
+    pairs += [("input_ids", "labels", False), ("decoder_input_ids", "decoder_attention_mask", True)]
+    for reference, key, whole_shape in pairs:
+        ref, value = batch.get(reference), batch.get(key)
+        ref_shape, shape = getattr(ref, "shape", None), getattr(value, "shape", None)
+        if not ref_shape or not shape:
+            continue
+        if whole_shape and shape != ref_shape:
+            raise ValueError(
+                f"The data collator returned inconsistent shapes: '{key}' has shape {tuple(shape)} but '{reference}' "
+                f"has {tuple(ref_shape)}; they must match (one value per token). Fix the collator or the examples."
+            )
+        if not whole_shape and shape[0] != ref_shape[0]:
+            raise ValueError(
+                f"The data collator returned inconsistent shapes: '{key}' has {shape[0]} rows but '{reference}' has "
+                f"{ref_shape[0]}; every field needs one row per example. Fix the collator or the examples."
+            )
 
 
 def _check_array(name: str, value: Any) -> None:

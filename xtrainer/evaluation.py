@@ -12,6 +12,8 @@ import numpy as np
 
 from . import data
 from .backends.base import EvalOutput
+from .compat.banner import log_evaluation_banner
+from .user_loaders import as_loader
 from .trainer_utils import EvalLoopOutput, EvalPrediction, denumpify_detensorize
 
 
@@ -58,11 +60,13 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     loss_only = prediction_loss_only if prediction_loss_only is not None else args.prediction_loss_only
     state = trainer._backend_state  # None before train(): the backend evaluates the model as it is
     batch_size = args.per_device_eval_batch_size * backend.local_batch_devices
+    log_evaluation_banner(trainer, loader, description, batch_size)
     include = set(args.include_for_metrics or [])
     keep_batches = not args.batch_eval_metrics or description == "Prediction"
     losses, preds, labels, inputs = (_HostAccumulator(backend.to_host) for _ in range(4))
     handler = trainer.callback_handler
     handler.eval_dataloader = loader
+    loader = as_loader(loader, "eval" if description == "Evaluation" else "test")  # an override's own loader too
     metrics = None
     observed = 0
     main_input = getattr(trainer.model, "main_input_name", "input_ids")
@@ -112,7 +116,9 @@ def run_evaluation(trainer, loader, description, prediction_loss_only, ignore_ke
     all_losses = losses.result(concat=True)
     all_preds, all_labels = preds.result(concat), labels.result(concat)
     all_inputs = inputs.result(concat)
-    num_samples = loader.num_examples if loader.has_length() else observed
+    num_samples = loader.num_examples if loader.has_length() else None
+    if num_samples is None:  # a stream, or a user's loader that knows no dataset: the examples it gave
+        num_samples = observed
     if trainer.compute_metrics is not None and all_preds is not None and all_labels is not None and not args.batch_eval_metrics:
         extra = {
             "losses": all_losses if "loss" in include else None,

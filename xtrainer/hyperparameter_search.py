@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any, NamedTuple
 
 from .callbacks import TrainerCallback
+from .extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,7 @@ def default_compute_objective(metrics: dict[str, float]) -> float:
 
 def _resolve_backend(backend) -> HPSearchBackend:
     if backend is None:
-        try:
-            import optuna  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError("hyperparameter_search needs optuna: pip install optuna.") from exc
+        require("optuna", "optuna", "hyperparameter_search")
         return HPSearchBackend.OPTUNA
     try:
         backend = HPSearchBackend(getattr(backend, "value", backend))
@@ -161,7 +159,7 @@ def run_hyperparameter_search(
     if trainer.model_init is None:
         raise RuntimeError("hyperparameter_search needs a Trainer built with `model_init` (a fresh model per trial).")
     _resolve_backend(backend)
-    import optuna
+    optuna = require("optuna", "optuna", "hyperparameter_search")
 
     base_args = trainer.args
     trainer.hp_space = hp_space or default_hp_space_optuna

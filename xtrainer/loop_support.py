@@ -1,5 +1,5 @@
 """Small pieces of the training loop that hold no policy: speed metrics, device-side loss tracking,
-the in-step callback events, and one-ahead prefetching of accumulation windows."""
+the in-step callback events, and placing accumulation windows on the device ahead of their step."""
 
 from __future__ import annotations
 
@@ -77,17 +77,29 @@ class StepEvents:
         self._fire("on_optimizer_step")
 
 
-def prefetch_one(windows, shard_window):
-    """Yields (window, num_items, device_window), with the next window already sent to the device.
+#: Accumulation windows placed on the device ahead of the step that uses them. Two keep the device
+#: fed across one slow batch (a worker hiccup, a long transfer) at the cost of two windows of memory.
+DEVICE_PREFETCH_DEPTH = 2
 
-    The transfer of window N+1 is started before step N is dispatched, so on asynchronous backends
-    (JAX) it overlaps with step N's compute instead of following it.
+
+def prefetch_to_device(windows, shard_window, depth: int = DEVICE_PREFETCH_DEPTH):
+    """Yields (window, num_items, device_window), with up to `depth` later windows already sent to the device.
+
+    The transfers of windows N+1..N+depth are started before step N is dispatched, so on asynchronous
+    backends (JAX, CUDA with pinned memory) they overlap with step N's compute instead of following
+    it; nothing here waits for the device.
     """
-    upcoming = None
+    from collections import deque
+
+    ahead: deque = deque()
     for window, num_items in windows:
-        ready = (window, num_items, shard_window(window))
-        if upcoming is not None:
-            yield upcoming
-        upcoming = ready
-    if upcoming is not None:
-        yield upcoming
+        ahead.append((window, num_items, shard_window(window)))
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
+def prefetch_one(windows, shard_window):
+    """prefetch_to_device with one window ahead."""
+    return prefetch_to_device(windows, shard_window, depth=1)

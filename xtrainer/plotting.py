@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 
 from .checkpoint import TRAINER_STATE_NAME
+from .extras import require
 from .trainer_utils import sorted_checkpoints
 
 DEFAULT_PLOT_NAME = "training_curves.png"
@@ -111,6 +112,7 @@ def plot_training_curves(output_dir: str, output_path: str | None = None, dpi: i
         FileNotFoundError: when output_dir holds no log history.
         ValueError: when the history holds no curve to draw.
     """
+    require("matplotlib", "plot", "xtrainer plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

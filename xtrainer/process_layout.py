@@ -137,7 +137,7 @@ def barrier(args: Any, desc: str = "work") -> None:
 
         from .backends.jax.multihost import initialize_from_env
 
-        initialize_from_env()
+        initialize_from_env(args)
         multihost_utils.sync_global_devices(f"xtrainer:{desc}")
     elif family == "torch_xla":
         import torch_xla.core.xla_model as xm

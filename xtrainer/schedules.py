@@ -11,9 +11,11 @@ The same function serves two callers:
 * a ``jax.numpy`` integer scalar, traced or not (the JAX backend computes the lr on device inside its jitted step),
   gets a floating-point array of the default float dtype; phases are then selected branch-free with ``where``.
 
-``reduce_lr_on_plateau`` is driven by evaluation metrics rather than by the step: its step multiplier is the
-constant 1.0, and the metric-driven part is the functional :class:`PlateauState` / :func:`plateau_init` /
-:func:`plateau_update`, which reproduces ``torch.optim.lr_scheduler.ReduceLROnPlateau``.
+``reduce_lr_on_plateau`` and ``greedy`` are driven by evaluation metrics rather than by the step: their step
+multiplier is the constant 1.0, and the metric-driven part is functional: :class:`PlateauState` /
+:func:`plateau_init` / :func:`plateau_update` reproduce ``torch.optim.lr_scheduler.ReduceLROnPlateau``, and
+:class:`GreedyState` / :func:`greedy_init` / :func:`greedy_update` transformers' ``GreedyLR``. Backends feed
+them the evaluation metric (``Backend.on_eval_metric``) through :func:`metric_schedule_update`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ import numpy as np
 
 from .trainer_utils import SchedulerType
 
-__all__ = ["PlateauState", "build_schedule", "plateau_init", "plateau_update", "schedule_names"]
+__all__ = [
+    "GreedyState", "METRIC_DRIVEN", "PlateauState", "build_schedule", "greedy_init", "greedy_update",
+    "metric_schedule_from_args", "metric_schedule_update", "plateau_init", "plateau_update", "schedule_names",
+]
 
 Schedule = Callable[[Any], Any]
 
@@ -109,16 +114,45 @@ def _cosine(W, T, lr, *, num_cycles=0.5):
     return _cosine_factory(W, T, num_cycles, 0.0)
 
 
-def _cosine_with_min_lr(W, T, lr, *, num_cycles=0.5, min_lr=None, min_lr_rate=None):
+def _min_lr_rate(name, lr, min_lr, min_lr_rate):
+    """The floor as a fraction of the peak lr, from exactly one of `min_lr` (absolute) and `min_lr_rate`."""
     if min_lr is not None and min_lr_rate is not None:
-        raise ValueError("cosine_with_min_lr: set only one of `min_lr` and `min_lr_rate`")
+        raise ValueError(f"{name}: set only one of `min_lr` and `min_lr_rate`")
     if min_lr is not None:
         if lr is None:
-            raise ValueError("cosine_with_min_lr with `min_lr` needs `learning_rate` (min_lr is an absolute lr)")
-        min_lr_rate = min_lr / lr
-    elif min_lr_rate is None:
-        raise ValueError("cosine_with_min_lr requires `min_lr` or `min_lr_rate` in scheduler_kwargs")
-    return _cosine_factory(W, T, num_cycles, min_lr_rate)
+            raise ValueError(f"{name} with `min_lr` needs `learning_rate` (min_lr is an absolute lr)")
+        return min_lr / lr
+    if min_lr_rate is None:
+        raise ValueError(f"{name} requires `min_lr` or `min_lr_rate` in scheduler_kwargs")
+    return min_lr_rate
+
+
+def _cosine_with_min_lr(W, T, lr, *, num_cycles=0.5, min_lr=None, min_lr_rate=None):
+    return _cosine_factory(W, T, num_cycles, _min_lr_rate("cosine_with_min_lr", lr, min_lr, min_lr_rate))
+
+
+def _cosine_warmup_with_min_lr(W, T, lr, *, num_cycles=0.5, min_lr=None, min_lr_rate=None, warmup_lr_rate=None):
+    # Unlike cosine_with_min_lr, this schedule counts the step being taken: warmup reaches the peak at
+    # step W-1 (not W) and the decay is one step further along, so its last step lands on the floor.
+    rate = _min_lr_rate("cosine_warmup_with_min_lr", lr, min_lr, min_lr_rate)
+    scale = math.pi * num_cycles * 2.0  # HF's left-to-right product, so the float64 rounding matches
+    Wf, Tf = float(W), float(T)
+
+    def fn(xp, s):
+        def warm(s):
+            if warmup_lr_rate is None:
+                return (xp.float(s) + 1.0) / max(1.0, Wf)
+            start = float(warmup_lr_rate)
+            return start + (1.0 - start) * xp.float(s) / max(1, Wf - 1)
+
+        def decay(s):
+            progress = (xp.float(s) - Wf + 1.0) / max(1.0, Tf - Wf)
+            factor = 0.5 * (1.0 + xp.cos(scale * progress))
+            return xp.maximum(0.0, factor * (1 - rate) + rate)
+
+        return _piecewise(xp, s, [(lambda s: s < W, warm)], decay)
+
+    return fn
 
 
 def _cosine_with_restarts(W, T, lr, *, num_cycles=1):
@@ -210,6 +244,11 @@ def _reduce_lr_on_plateau(W, T, lr, **plateau_kwargs):
     return _constant(W, T, lr)
 
 
+def _greedy(W, T, lr, **greedy_kwargs):
+    greedy_init(1.0 if lr is None else lr, greedy_kwargs)  # validate the kwargs now rather than at first eval
+    return _constant(W, T, lr)
+
+
 _FACTORIES = {
     SchedulerType.LINEAR: _linear,
     SchedulerType.COSINE: _cosine,
@@ -220,8 +259,13 @@ _FACTORIES = {
     SchedulerType.INVERSE_SQRT: _inverse_sqrt,
     SchedulerType.REDUCE_ON_PLATEAU: _reduce_lr_on_plateau,
     SchedulerType.COSINE_WITH_MIN_LR: _cosine_with_min_lr,
+    SchedulerType.COSINE_WARMUP_WITH_MIN_LR: _cosine_warmup_with_min_lr,
     SchedulerType.WARMUP_STABLE_DECAY: _warmup_stable_decay,
+    SchedulerType.GREEDY: _greedy,
 }
+
+#: The schedules driven by evaluation metrics rather than by the step (their step multiplier is 1.0).
+METRIC_DRIVEN = frozenset({SchedulerType.REDUCE_ON_PLATEAU.value, SchedulerType.GREEDY.value})
 
 
 def schedule_names() -> list[str]:
@@ -395,13 +439,188 @@ def plateau_update(state: PlateauState, metric) -> PlateauState:
     return dataclasses.replace(state, lr=lr, best=best, num_bad_epochs=bad, cooldown_counter=cooldown_counter)
 
 
+@dataclasses.dataclass(frozen=True)
+class GreedyState:
+    """Immutable state of a greedy schedule (transformers' ``GreedyLR``): the lr rises while the metric keeps
+    improving and falls when it plateaus, within [min_lr, max_lr], and restarts after a long stay at min_lr.
+
+    As in transformers, ``min_lr`` (default 1e-3) and ``max_lr`` are absolute lrs, so with a peak lr below
+    min_lr the schedule can only raise the lr.
+    """
+
+    lr: float
+    base_lr: float
+    mode: str = "min"
+    factor: float = 0.95
+    patience: int = 10
+    threshold: float = 1e-6
+    threshold_mode: str = "abs"
+    cooldown: int = 0
+    warmup: int = 0
+    min_lr: float = 1e-3
+    max_lr: float = 1.0
+    eps: float = 1e-8
+    verbose: bool = False
+    smooth: bool = False
+    window_size: int = 50
+    reset_start: int = 500
+    reset_start_original: int = 500
+    best: float = math.inf
+    num_bad_epochs: int = 0
+    num_good_epochs: int = 0
+    cooldown_counter: int = 0
+    warmup_counter: int = 0
+    last_epoch: int = 0
+    window: tuple = ()  # the smoothing window's values, oldest first
+    window_sum: float = 0.0
+
+    @property
+    def multiplier(self) -> float:
+        """The current lr as a fraction of ``base_lr``."""
+        return self.lr / self.base_lr if self.base_lr else 1.0
+
+
+_GREEDY_KWARGS = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "warmup", "min_lr",
+                  "max_lr", "eps", "verbose", "smooth", "window_size", "reset_start")
+
+
+def _one_lr(name: str, value) -> float:
+    # GreedyLR takes one bound per parameter group; xtrainer schedules one lr for all groups.
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(
+                f"greedy: per-group `{name}` lists with different values are not supported (xtrainer schedules one "
+                f"lr for every parameter group); give one number, got {list(value)}"
+            )
+        value = value[0]
+    return float(value)
+
+
+def greedy_init(learning_rate: float = 1.0, scheduler_kwargs: dict | None = None) -> GreedyState:
+    """Initial greedy-schedule state, with transformers' ``GreedyLR`` defaults.
+
+    Args:
+        learning_rate: the starting (absolute) lr, also the lr a reset returns to.
+        scheduler_kwargs: overrides among mode, factor, patience, threshold, threshold_mode, cooldown, warmup,
+            min_lr, max_lr, eps, verbose, smooth, window_size, reset_start.
+
+    Returns:
+        A fresh :class:`GreedyState` with ``multiplier == 1.0``.
+
+    Raises:
+        ValueError: unknown kwarg, ``factor >= 1``, an unknown ``mode``/``threshold_mode``, per-group bounds.
+    """
+    kwargs = dict(scheduler_kwargs or {})
+    unknown = sorted(set(kwargs) - set(_GREEDY_KWARGS))
+    if unknown:
+        raise ValueError(f"Unknown scheduler_kwargs {unknown} for 'greedy'; accepted: {list(_GREEDY_KWARGS)}")
+    if kwargs.get("factor", 0.95) >= 1.0:
+        raise ValueError(f"greedy: `factor` must be < 1.0, got {kwargs['factor']}")
+    if kwargs.get("mode", "min") not in ("min", "max"):
+        raise ValueError(f"greedy: `mode` must be 'min' or 'max', got {kwargs['mode']!r}")
+    if kwargs.get("threshold_mode", "abs") not in ("rel", "abs"):
+        raise ValueError(f"greedy: `threshold_mode` must be 'rel' or 'abs', got {kwargs['threshold_mode']!r}")
+    for bound in ("min_lr", "max_lr"):
+        if bound in kwargs:
+            kwargs[bound] = _one_lr(bound, kwargs[bound])
+    best = math.inf if kwargs.get("mode", "min") == "min" else -math.inf
+    lr = float(learning_rate)
+    reset_start = kwargs.get("reset_start", 500)
+    return GreedyState(lr=lr, base_lr=lr, best=best, reset_start_original=reset_start, **kwargs)
+
+
+def _greedy_is_better(state: GreedyState, current: float) -> bool:
+    if state.mode == "min":
+        if state.threshold_mode == "rel":
+            return current < state.best * (1.0 - state.threshold)
+        return current < state.best - state.threshold
+    if state.threshold_mode == "rel":
+        return current > state.best * (1.0 + state.threshold)
+    return current > state.best + state.threshold
+
+
+def greedy_update(state: GreedyState, metric) -> GreedyState:
+    """Feed one evaluation metric, as ``GreedyLR.step(metric)`` does.
+
+    Args:
+        state: the current state (unchanged; a new one is returned).
+        metric: the monitored value (anything ``float()`` accepts, e.g. a 0-d array).
+
+    Returns:
+        The next :class:`GreedyState`; its ``lr``/``multiplier`` apply from now on.
+    """
+    current = float(metric)
+    window, window_sum = state.window, state.window_sum
+    if state.smooth:  # a rolling mean over the last window_size metrics, summed in GreedyLR's order
+        window, window_sum = window + (current,), window_sum + current
+        if len(window) > state.window_size:
+            window_sum -= window[0]
+            window = window[1:]
+        current = window_sum / len(window)
+    new = dict(window=window, window_sum=window_sum, last_epoch=state.last_epoch + 1)
+    best, bad, good = state.best, state.num_bad_epochs, state.num_good_epochs
+    cooldown_counter, warmup_counter = state.cooldown_counter, state.warmup_counter
+    lr, reset_start = state.lr, state.reset_start
+    if cooldown_counter > 0:
+        cooldown_counter, bad, good = cooldown_counter - 1, 0, 0
+    elif warmup_counter > 0:
+        warmup_counter, bad, good = warmup_counter - 1, 0, 0
+    else:
+        if _greedy_is_better(state, current):
+            best, bad, good = current, 0, good + 1
+        else:
+            bad, good = bad + 1, 0
+        if good > state.patience:
+            raised = min(lr / state.factor, state.max_lr)
+            if raised - lr > state.eps:
+                _say(state, new["last_epoch"], "increasing", raised)
+                lr = raised
+            reset_start, warmup_counter, good = state.reset_start_original, state.warmup, 0
+        elif bad > state.patience:
+            lowered = max(lr * state.factor, state.min_lr)
+            if lr - lowered > state.eps:
+                _say(state, new["last_epoch"], "reducing", lowered)
+                lr = lowered
+            cooldown_counter, bad = state.cooldown, 0
+            if not lr > state.min_lr:  # a long stay at the floor restarts the schedule
+                reset_start -= 1
+                if reset_start <= 0:
+                    if state.verbose:
+                        print("Scheduler reset to initial state.")
+                    fresh = greedy_init(state.base_lr, {k: getattr(state, k) for k in _GREEDY_KWARGS if k != "reset_start"})
+                    # GreedyLR starts the cooldown after the reduction that triggered the reset.
+                    return dataclasses.replace(fresh, reset_start=state.reset_start_original,
+                                               reset_start_original=state.reset_start_original,
+                                               last_epoch=new["last_epoch"], cooldown_counter=state.cooldown)
+    return dataclasses.replace(state, lr=lr, best=best, num_bad_epochs=bad, num_good_epochs=good,
+                               cooldown_counter=cooldown_counter, warmup_counter=warmup_counter,
+                               reset_start=reset_start, **new)
+
+
+def _say(state: GreedyState, epoch: int, verb: str, lr: float) -> None:
+    if state.verbose:  # GreedyLR(verbose=True) prints each change
+        print(f"Epoch {epoch}: {verb} learning rate of group 0 to {lr:.4e}.")
+
+
+MetricState = PlateauState | GreedyState
+
+
+def metric_schedule_update(state: MetricState, metric) -> MetricState:
+    """Feed one evaluation metric to a metric-driven schedule's state (plateau or greedy)."""
+    return greedy_update(state, metric) if isinstance(state, GreedyState) else plateau_update(state, metric)
+
+
+def _scheduler_name(args) -> str:
+    return getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+
+
 def schedule_from_args(args, num_training_steps: int) -> Callable:
     """The step -> multiplier schedule that TrainingArguments describe (lr_scheduler_type, warmup, kwargs).
 
-    For reduce_lr_on_plateau this is the constant 1.0; `plateau_from_args` gives its metric-driven part.
+    For the metric-driven schedules this is the constant 1.0; `metric_schedule_from_args` gives the rest.
     """
     return build_schedule(
-        getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        _scheduler_name(args),
         num_training_steps=num_training_steps,
         num_warmup_steps=args.get_warmup_steps(num_training_steps),
         learning_rate=args.learning_rate,
@@ -409,9 +628,55 @@ def schedule_from_args(args, num_training_steps: int) -> Callable:
     )
 
 
+def metric_schedule_from_args(args) -> MetricState | None:
+    """The initial state of a metric-driven lr_scheduler_type (reduce_lr_on_plateau, greedy), else None.
+
+    Feed it evaluation metrics with :func:`metric_schedule_update`; its ``multiplier`` scales the lr.
+    """
+    name = _scheduler_name(args)
+    if name not in METRIC_DRIVEN:
+        return None
+    init = greedy_init if name == SchedulerType.GREEDY.value else plateau_init
+    return init(learning_rate=args.learning_rate, scheduler_kwargs=args.lr_scheduler_kwargs or {})
+
+
 def plateau_from_args(args) -> PlateauState | None:
     """The initial reduce-on-plateau state for lr_scheduler_type="reduce_lr_on_plateau", else None."""
-    if getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) != "reduce_lr_on_plateau":
+    if _scheduler_name(args) != SchedulerType.REDUCE_ON_PLATEAU.value:
         return None
-    return plateau_init(learning_rate=args.learning_rate, scheduler_kwargs=args.lr_scheduler_kwargs or {})
+    return metric_schedule_from_args(args)
 
+
+METRIC_SCHEDULE_FILE = "metric_schedule.json"
+
+
+def save_metric_schedule(state: MetricState, directory: str) -> None:
+    """Writes a metric-driven schedule's state into a checkpoint directory (backends without scheduler.pt)."""
+    import json
+    import os
+
+    kind = "greedy" if isinstance(state, GreedyState) else "plateau"
+    with open(os.path.join(directory, METRIC_SCHEDULE_FILE), "w") as f:
+        json.dump({"kind": kind, "state": dataclasses.asdict(state)}, f)
+
+
+def load_metric_schedule(current: MetricState, directory: str) -> MetricState:
+    """The schedule state saved in `directory`, or `current` when the checkpoint has none (written before)."""
+    import json
+    import os
+
+    path = os.path.join(directory, METRIC_SCHEDULE_FILE)
+    if not os.path.exists(path):
+        return current
+    with open(path) as f:
+        saved = json.load(f)
+    kind = GreedyState if saved["kind"] == "greedy" else PlateauState
+    if not isinstance(current, kind):
+        raise ValueError(
+            f"{path} holds a {saved['kind']} schedule but this run's lr_scheduler_type is not; resume with the "
+            "lr_scheduler_type the checkpoint was written with."
+        )
+    fields = saved["state"]
+    if kind is GreedyState:
+        fields["window"] = tuple(fields["window"])
+    return kind(**fields)

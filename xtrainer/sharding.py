@@ -9,6 +9,7 @@ then its Flax logical-axis annotation, then the default FSDP rule.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -171,11 +172,18 @@ def param_spec(
     mesh: MeshConfig,
     rules: list[tuple[re.Pattern, Spec]] = (),
     logical_names: Sequence[str | None] | None = None,
+    min_size: int = 0,
 ) -> Spec:
-    """The sharding of one parameter (see the module docstring for precedence)."""
+    """The sharding of one parameter (see the module docstring for precedence).
+
+    `min_size` (fsdp_config's min_num_params): a parameter with fewer elements that no user rule
+    matches stays replicated, since splitting it saves less memory than its gathers cost.
+    """
     for pattern, spec in rules:
         if pattern.search(path):
             return fit_spec(spec, shape, mesh)
+    if min_size and math.prod(shape) < min_size:
+        return (None,) * len(shape)
     if logical_names is not None:
         return fit_spec(logical_to_spec(logical_names), shape, mesh)
     return fsdp_spec(shape, mesh)

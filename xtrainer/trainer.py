@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
 from .args_support import report_unsupported
 from .auto_batch import train_with_batch_search
-from . import checkpoint_writer, data, preemption
+from . import checkpoint_writer, data, data_state, preemption
 from .backends import get_backend, resolve_backend_name
 from .backends.base import EvalOutput
 from .callbacks import (
@@ -42,15 +42,18 @@ from .callbacks import (
 )
 from .compat import flops, hub, metrics_report
 from .compat.accelerator import AcceleratorView
-from .compat.banner import log_training_banner
+from .compat.banner import install_default_handler, log_training_banner
 from .compat.memory import MemoryTracker
 from .compat.resume_checks import warn_on_mismatched_arguments
+from .data_workers import options_from_args
 from .hooks import TrainerHooks
 from .loaders import DatasetLoader
 from .integrations import reporting_callbacks
-from .loop_support import LossTracker, StepEvents, prefetch_one, speed_metrics
+from .loop_support import LossTracker, StepEvents, prefetch_to_device, speed_metrics
 from .nan_policy import NanMonitor
+from .optimizers import check_optimizer_setup, scheduler_needs_metric
 from .throughput import ThroughputMeter
+from .user_loaders import as_loader
 from .trainer_utils import (
     EvalLoopOutput,
     EvalPrediction,
@@ -108,6 +111,7 @@ class Trainer:
         # log_level on the main process, log_level_replica elsewhere, for xtrainer's loggers (as transformers
         # sets its own library's verbosity).
         logging.getLogger("xtrainer").setLevel(self.args.get_process_log_level())
+        install_default_handler()  # log_level="info" shows without a logging setup, as transformers' logs do
         # skip_memory_metrics=False: memory used by __init__, train, evaluate and predict (compat/memory.py).
         self._memory_tracker = MemoryTracker(None, skip=self.args.skip_memory_metrics)
         set_seed(self.args.seed, deterministic=self.args.full_determinism)
@@ -141,6 +145,11 @@ class Trainer:
         self.model = self.backend.prepare(model, self.args, hooks=self.hooks)
         self.model_wrapped = self.model
         _apply_use_cache(self.model, self.args.use_cache)
+        # args.optim that cannot run here, a metric-driven schedule no metric reaches: refused before training.
+        check_optimizer_setup(self.args, self.backend.name, getattr(getattr(self.backend, "device", None), "type", None),
+                              optimizers, optimizer_cls_and_kwargs,
+                              default_optimizer=not any(self.hooks.overrides(name) for name in
+                                                        ("create_optimizer", "get_optimizer_cls_and_kwargs")))
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.processing_class = processing_class
         self.data_collator = data_collator or _default_collator(processing_class)
@@ -252,8 +261,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _loader(self, dataset: Any, batch_size: int, training: bool) -> DatasetLoader:
+    def _loader(self, dataset: Any, batch_size: int, training: bool, split: str = "train") -> DatasetLoader:
         args = self.args
+        workers = options_from_args(args, getattr(self.backend, "pins_host_memory", False), self.backend.name)
+        cache = self.__dict__.setdefault("_persistent_loaders", {})
+        cached = cache.get((id(dataset), split)) if not training and workers.persistent_workers else None
+        if cached is not None and cached[0] is dataset:
+            return cached[1]  # evaluation keeps its workers between calls, as in transformers
         per_process = batch_size * self.backend.local_batch_devices
         # Evaluation runs the whole dataset on every process, so no gather is needed afterwards.
         processes = self.backend.num_processes if training else 1
@@ -267,12 +281,16 @@ class Trainer:
         order_fn = None
         if training and data.has_length(dataset):
             order_fn = self._train_order_fn(dataset)
-        loader = DatasetLoader(dataset, plan, self.data_collator, order_fn=order_fn, keep_columns=keep)
+        seed = args.data_seed if training and args.data_seed is not None else args.seed
+        loader = DatasetLoader(dataset, plan, self.data_collator, order_fn=order_fn, keep_columns=keep,
+                               workers=workers, seed=seed, split=split)
         if loader.has_length() and len(loader) == 0:
             raise ValueError(
                 f"The dataset has {loader.num_examples} examples, fewer than one batch of {plan.global_batch_size} "
                 "with dataloader_drop_last=True: lower the batch size or set dataloader_drop_last=False."
             )
+        if not training and workers.persistent_workers:
+            cache[(id(dataset), split)] = (dataset, loader)
         return loader
 
     def _train_order_fn(self, dataset) -> Callable[[int], np.ndarray]:
@@ -285,6 +303,16 @@ class Trainer:
             lengths = data.example_lengths(dataset, args.length_column_name)
         n = len(dataset)
         return lambda epoch: data.epoch_order(n, strategy, seed, epoch, lengths, group * args.gradient_accumulation_steps)
+
+    def _data_run_info(self, loader) -> dict:
+        """What a saved data position means; a resume warns when any of it changed."""
+        args = self.args
+        return {
+            "examples": getattr(loader, "num_examples", None),
+            "global_batch_size": args.per_device_train_batch_size * self.backend.local_batch_devices * self.backend.num_processes,
+            "sampling": _value(args.train_sampling_strategy),
+            "data_seed": args.data_seed if args.data_seed is not None else args.seed,
+        }
 
     def get_train_dataloader(self) -> DatasetLoader:
         if self.train_dataset is None:
@@ -299,13 +327,13 @@ class Trainer:
             if not isinstance(self.eval_dataset, dict) or dataset not in self.eval_dataset:
                 raise KeyError(f"No eval dataset named {dataset!r}: the Trainer's eval_dataset must be a dict holding it.")
             dataset = self.eval_dataset[dataset]
-        return self._loader(dataset, self.args.per_device_eval_batch_size, training=False)
+        return self._loader(dataset, self.args.per_device_eval_batch_size, training=False, split="eval")
 
-    def get_test_dataloader(self, test_dataset):
-        """The loader predict() runs over (the whole test set on every process, in order)."""
+    def get_test_dataloader(self, test_dataset) -> DatasetLoader:
+        """The loader predict() runs on; override it to return any iterable of batches (a torch DataLoader too)."""
         if test_dataset is None:
             raise ValueError("Trainer.predict() needs a test_dataset.")
-        return self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False)
+        return self._loader(test_dataset, self.args.per_device_eval_batch_size, training=False, split="test")
 
     # ------------------------------------------------------------------ training
 
@@ -338,6 +366,7 @@ class Trainer:
                     self, lambda: self._train_loop(resume_dir, trial, ignore_keys_for_eval), resume_dir)
         finally:
             self.is_in_train, self._preemption = False, None
+            getattr(getattr(self, "_train_loader", None), "close", lambda: None)()  # persistent workers
 
     def get_total_train_batch_size(self, args) -> int:
         """Examples per optimizer step over every process: per-device batch x batch devices x accumulation."""
@@ -384,7 +413,8 @@ class Trainer:
 
     def _train_loop(self, resume_dir, trial, ignore_keys_for_eval) -> TrainOutput:
         args, backend = self.args, self.backend
-        loader = self.get_train_dataloader()
+        loader = self._train_loader = as_loader(self.get_train_dataloader(), "train")
+        self._data_position = None
         (num_epochs, updates_per_epoch, num_examples, num_train_samples, total_batch_size, batches_per_epoch,
          max_steps) = self.set_initial_training_values(args, loader)
         exportable = self.callback_handler.callbacks + [self.control]
@@ -404,6 +434,8 @@ class Trainer:
             epochs_done = self.state.global_step // updates_per_epoch
             if not args.ignore_data_skip:
                 skip_batches = (self.state.global_step % updates_per_epoch) * args.gradient_accumulation_steps
+                epochs_done, skip_batches = data_state.resume_position(  # the saved position, when there is one
+                    resume_dir, loader, backend.process_index, self._data_run_info(loader), (epochs_done, skip_batches))
         self.state.init_training_references(self, max_steps, num_epochs, trial)
         self._sync_handler_refs(loader)
         counts_items, shifts = backend.counts_label_items()
@@ -475,7 +507,7 @@ class Trainer:
     def _sync_handler_refs(self, loader) -> None:
         handler = self.callback_handler
         handler.model = self.model
-        handler.train_dataloader = loader
+        handler.train_dataloader = getattr(loader, "loader", loader)  # a user's own loader is shown as itself
         handler.optimizer, handler.lr_scheduler = self.optimizer, self.lr_scheduler
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device) -> tuple[list, int | None]:
@@ -519,13 +551,14 @@ class Trainer:
         step = start_batch - 1  # index of the last micro-batch consumed in this epoch
         grad_norm = learning_rate = None
         events = StepEvents(self)
-        for window, num_items, device_window in prefetch_one(windows, backend.shard_window):
+        for window, num_items, device_window in prefetch_to_device(windows, backend.shard_window):
             self._track_tokens(window)
             self._throughput.add(window)
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             self.current_gradient_accumulation_steps = len(window)
             self._backend_state, metrics = backend.train_step(self._backend_state, device_window, num_items, events)
             step += len(window)
+            self._data_position = (epoch, step + 1)  # micro-batches of this epoch trained on (data_state.py)
             grad_norm, learning_rate = metrics.grad_norm, metrics.learning_rate
             self._losses.add(metrics.loss, self.state.global_step - self._globalstep_last_logged)
             self.current_flos += sum(float(self.floating_point_ops(batch)) for batch in window)
@@ -746,7 +779,11 @@ class Trainer:
         return 1
 
     def get_tp_size(self) -> int:
-        """Tensor-parallel degree: the mesh's tensor axis (jax, torch_xla), else 1."""
+        """Tensor-parallel degree: the model's `_tp_size` (transformers' tensor-parallel loading records it), else
+        the mesh's tensor axis (jax, torch_xla), else 1."""
+        model_tp = getattr(self.model, "_tp_size", None)
+        if model_tp is not None:
+            return int(model_tp)
         return int(getattr(getattr(self.backend, "mesh_config", None), "tensor", 1) or 1)
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -860,6 +897,8 @@ class Trainer:
         writer.save(
             step, self._backend_state, save_only_model=args.save_only_model, write_front_files=write_front_files,
             write_model_files=write_model_files, model_files_in_background=in_background, after_publish=after_publish,
+            write_process_files=lambda tmp: data_state.save(tmp, self._train_loader, self._data_position,
+                                                            backend.process_index, self._data_run_info(self._train_loader)),
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -904,6 +943,10 @@ class Trainer:
             key = self._metric_key()
             if key in metrics:
                 self.backend.on_eval_metric(self._backend_state, metrics[key])
+            elif scheduler_needs_metric(self.args, self.lr_scheduler):
+                raise KeyError(f"The metric-driven lr scheduler follows metric_for_best_model={key!r}, which is not "
+                               f"among the evaluation metrics {sorted(metrics)}; return it from compute_metrics or "
+                               "change metric_for_best_model.")
         return metrics
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:

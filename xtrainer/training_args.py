@@ -104,34 +104,21 @@ class TrainingArguments(TrainingArgumentsSetters):
     Dict-typed fields also accept a JSON string (as on the command line).
     """
 
+    # Fields that also take a JSON string (command lines), as transformers' _VALID_DICT_FIELDS.
     _DICT_FIELDS = (
+        "accelerator_config",
+        "deepspeed",
         "lr_scheduler_kwargs",
         "fsdp_config",
         "activation_checkpointing_kwargs",
         "gradient_checkpointing_kwargs",
     )
 
-    # --- Output / script flags ---
+    # --- transformers 5.x fields, in transformers' order (so --help, to_dict and to_json_string read alike) ---
     output_dir: str | None = field(default=None, metadata=_help("Where checkpoints and outputs are written."))
-    do_train: bool = field(default=False, metadata=_help("Run training (read by scripts, not the Trainer)."))
-    do_eval: bool = field(default=False, metadata=_help("Run evaluation (read by scripts, not the Trainer)."))
-    do_predict: bool = field(default=False, metadata=_help("Run prediction (read by scripts, not the Trainer)."))
-    resume_from_checkpoint: str | None = field(default=None, metadata=_help("Checkpoint folder to resume from."))
-
-    # --- Duration and batch size ---
     per_device_train_batch_size: int = field(default=8, metadata=_help("Training batch size per device."))
-    per_device_eval_batch_size: int = field(default=8, metadata=_help("Evaluation batch size per device."))
     num_train_epochs: float = field(default=3.0, metadata=_help("Total number of training epochs."))
     max_steps: int = field(default=-1, metadata=_help("If > 0: total optimizer steps; overrides num_train_epochs."))
-    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches accumulated per update."))
-    eval_accumulation_steps: int | None = field(
-        default=None, metadata=_help("Eval steps to accumulate on device before moving outputs to the host.")
-    )
-    average_tokens_across_devices: bool = field(
-        default=True, metadata=_help("Average the token count across devices for the loss normalisation.")
-    )
-
-    # --- Optimizer and schedule ---
     learning_rate: float = field(default=5e-5, metadata=_help("Initial learning rate."))
     lr_scheduler_type: SchedulerType | str = field(default="linear", metadata=_help("Learning rate schedule."))
     lr_scheduler_kwargs: dict | str | None = field(default=None, metadata=_help("Extra scheduler arguments."))
@@ -144,17 +131,20 @@ class TrainingArguments(TrainingArgumentsSetters):
     adam_beta1: float = field(default=0.9, metadata=_help("Adam beta1."))
     adam_beta2: float = field(default=0.999, metadata=_help("Adam beta2."))
     adam_epsilon: float = field(default=1e-8, metadata=_help("Adam epsilon."))
+    optim_target_modules: None | str | list[str] = field(
+        default=None, metadata=_help("Modules the optimizer targets (GaLore, APOLLO): names or regexes.")
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches accumulated per update."))
+    average_tokens_across_devices: bool = field(
+        default=True, metadata=_help("Average the token count across devices for the loss normalisation.")
+    )
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm; 0 disables clipping."))
     label_smoothing_factor: float = field(default=0.0, metadata=_help("Label smoothing; 0 disables it."))
-
-    # --- Precision ---
     bf16: bool = field(default=False, metadata=_help("bfloat16 mixed precision."))
     fp16: bool = field(default=False, metadata=_help("float16 mixed precision."))
     bf16_full_eval: bool = field(default=False, metadata=_help("Evaluate fully in bfloat16."))
     fp16_full_eval: bool = field(default=False, metadata=_help("Evaluate fully in float16."))
     tf32: bool | None = field(default=None, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs."))
-
-    # --- Activation checkpointing and compilation ---
     activation_checkpointing: bool | None = field(
         default=None, metadata=_flag_help("Recompute activations in the backward pass to save memory.")
     )
@@ -170,18 +160,23 @@ class TrainingArguments(TrainingArgumentsSetters):
     torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile (torch)."))
     torch_compile_backend: str | None = field(default=None, metadata=_help("torch.compile backend; implies it."))
     torch_compile_mode: str | None = field(default=None, metadata=_help("torch.compile mode; implies it."))
-
-    # --- Logging ---
+    use_liger_kernel: bool = field(default=False, metadata=_help("Patch the model with Liger kernels (torch, CUDA)."))
+    liger_kernel_config: dict | None = field(default=None, metadata=_help("Options passed to the Liger kernel patch."))
+    use_cache: bool = field(default=False, metadata=_help("Keep the model's KV cache on during training."))
+    neftune_noise_alpha: float | None = field(
+        default=None, metadata=_help("NEFTune: add uniform noise of this scale to the input embeddings in training.")
+    )
+    torch_empty_cache_steps: int | None = field(
+        default=None, metadata=_help("Empty the accelerator's memory cache every N steps (torch); None never does.")
+    )
+    auto_find_batch_size: bool = field(
+        default=False, metadata=_help("Halve the training batch size on an out-of-memory error until a step fits.")
+    )
     logging_strategy: IntervalStrategy | str = field(default="steps", metadata=_help("When to log: no/steps/epoch."))
     logging_steps: float = field(default=500, metadata=_help("Log every N steps; (0, 1) is a ratio of total."))
     logging_first_step: bool = field(default=False, metadata=_help("Also log the first step."))
     log_on_each_node: bool = field(default=True, metadata=_help("Log from the main process of every node."))
     logging_nan_inf_filter: bool = field(default=True, metadata=_help("Skip NaN/inf losses when logging."))
-    nan_policy: str = field(
-        default="ignore",
-        metadata=_help("Non-finite loss/grad_norm: 'raise' (stop, naming the step), 'skip' (skip the update), 'ignore'.",
-                       choices=["raise", "skip", "ignore"]),
-    )
     include_num_input_tokens_seen: str | bool = field(
         default="no", metadata=_help("Track input tokens seen: 'all', 'non_padding' or 'no'.")
     )
@@ -196,25 +191,47 @@ class TrainingArguments(TrainingArgumentsSetters):
         default="none", metadata=_help("Integrations to report to; 'all' or 'none'.")
     )
     run_name: str | None = field(default=None, metadata=_help("Run name for the reporting integrations."))
-
-    # --- Evaluation ---
+    project: str = field(default="huggingface", metadata=_help("Project name for the logging integrations (Trackio)."))
+    trackio_space_id: str | None = field(default=None, metadata=_help("Hugging Face Space id for Trackio logging."))
+    trackio_bucket_id: str | None = field(default=None, metadata=_help("Bucket id for Trackio logging."))
+    trackio_static_space_id: Union[str, None, Literal[False]] = field(
+        default=None, metadata=_help("Static read-only Trackio Space, or False for none.")
+    )
     eval_strategy: IntervalStrategy | str = field(default="no", metadata=_help("When to evaluate: no/steps/epoch."))
     eval_steps: float | None = field(default=None, metadata=_help("Evaluate every N steps; defaults to logging_steps."))
     eval_delay: float = field(default=0, metadata=_help("Epochs or steps to wait before the first evaluation."))
+    per_device_eval_batch_size: int = field(default=8, metadata=_help("Evaluation batch size per device."))
     prediction_loss_only: bool = field(default=False, metadata=_help("Only return the loss when evaluating."))
     eval_on_start: bool = field(default=False, metadata=_help("Evaluate once before training starts."))
     eval_do_concat_batches: bool = field(default=True, metadata=_help("Concatenate eval outputs across batches."))
+    eval_use_gather_object: bool = field(
+        default=False, metadata=_help("Gather arbitrary Python objects from all devices in evaluation.")
+    )
+    eval_accumulation_steps: int | None = field(
+        default=None, metadata=_help("Eval steps to accumulate on device before moving outputs to the host.")
+    )
     include_for_metrics: list[str] = field(
         default_factory=list, metadata=_help("Extra data for compute_metrics: 'inputs', 'loss'.")
     )
     batch_eval_metrics: bool = field(default=False, metadata=_help("Compute metrics batch by batch."))
-
-    # --- Saving ---
+    save_only_model: bool = field(default=False, metadata=_help("Save weights only (no optimizer/RNG state)."))
     save_strategy: SaveStrategy | str = field(default="steps", metadata=_help("When to save: no/steps/epoch/best."))
     save_steps: float = field(default=500, metadata=_help("Save every N steps; (0, 1) is a ratio of total."))
-    save_total_limit: int | None = field(default=None, metadata=_help("Keep at most N checkpoints."))
-    save_only_model: bool = field(default=False, metadata=_help("Save weights only (no optimizer/RNG state)."))
     save_on_each_node: bool = field(default=False, metadata=_help("Save on every node, not only the main one."))
+    save_total_limit: int | None = field(default=None, metadata=_help("Keep at most N checkpoints."))
+    enable_jit_checkpoint: bool = field(
+        default=False, metadata=_help("On SIGTERM, finish the step, save a checkpoint and exit (preemption).")
+    )
+    push_to_hub: bool = field(default=False, metadata=_help("Push the model to the Hub every time it is saved."))
+    hub_token: str | None = field(default=None, metadata=_help("Token for pushing to the Hub."))
+    hub_private_repo: bool | None = field(default=None, metadata=_help("Make the Hub repository private."))
+    hub_model_id: str | None = field(default=None, metadata=_help("Hub repository kept in sync with output_dir."))
+    hub_strategy: HubStrategy | str = field(
+        default="every_save",
+        metadata=_help("What to push and when: 'end', 'every_save', 'checkpoint', 'all_checkpoints'."),
+    )
+    hub_always_push: bool = field(default=False, metadata=_help("Push even while a previous push is unfinished."))
+    hub_revision: str | None = field(default=None, metadata=_help("Branch, tag or commit to push to."))
     load_best_model_at_end: bool = field(default=False, metadata=_help("Load the best checkpoint after training."))
     metric_for_best_model: str | None = field(default=None, metadata=_help("Metric that ranks checkpoints."))
     greater_is_better: bool | None = field(default=None, metadata=_help("Whether a larger metric is better."))
@@ -222,63 +239,66 @@ class TrainingArguments(TrainingArgumentsSetters):
     restore_callback_states_from_checkpoint: bool = field(
         default=False, metadata=_help("Restore callback states saved in the checkpoint.")
     )
+    full_determinism: bool = field(default=False, metadata=_help("Deterministic algorithms (slow; debugging)."))
+    seed: int = field(default=42, metadata=_help("Random seed set at the start of training."))
+    data_seed: int | None = field(default=None, metadata=_help("Seed of the data samplers; defaults to seed."))
+    use_cpu: bool = field(default=False, metadata=_help("Run on CPU even when an accelerator is present."))
+    accelerator_config: dict | str | None = field(default=None, metadata=_help("Accelerate options (dict or JSON file)."))
+    parallelism_config: Any = field(default=None, metadata=_help("Accelerate ParallelismConfig (context/tensor parallel)."))
+    dataloader_drop_last: bool = field(default=False, metadata=_help("Drop the last incomplete batch."))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data loading worker processes."))
+    dataloader_pin_memory: bool = field(default=True, metadata=_help("Pin host memory in the DataLoader."))
+    dataloader_persistent_workers: bool = field(default=False, metadata=_help("Keep workers alive across epochs."))
+    dataloader_prefetch_factor: int | None = field(default=None, metadata=_help("Batches prefetched per worker."))
+    dataloader_multiprocessing_context: str | None = field(
+        default=None,
+        metadata=_help("Start method of data loading workers.", choices=["fork", "spawn", "forkserver"]),
+    )
+    dataloader_in_order: bool = field(
+        default=True, metadata=_help("Yield worker batches in dispatch order (False: as soon as ready).")
+    )
+    remove_unused_columns: bool = field(default=True, metadata=_help("Drop columns the model does not take."))
+    label_names: list[str] | None = field(default=None, metadata=_help("Input keys that hold the labels."))
+    train_sampling_strategy: str = field(  # a str with choices, as transformers types it (an enum after init)
+        default="random",
+        metadata=_help("Training sampler: random, sequential or group_by_length.",
+                       choices=["random", "sequential", "group_by_length"]),
+    )
+    length_column_name: str = field(default="length", metadata=_help("Precomputed length column."))
+    ddp_find_unused_parameters: bool | None = field(default=None, metadata=_help("DDP find_unused_parameters."))
+    ddp_bucket_cap_mb: int | None = field(default=None, metadata=_help("DDP bucket_cap_mb."))
+    ddp_broadcast_buffers: bool | None = field(default=None, metadata=_help("DDP broadcast_buffers."))
+    ddp_static_graph: bool | None = field(default=None, metadata=_help("DDP static_graph."))
+    ddp_backend: str | None = field(
+        default=None,
+        metadata=_help("torch.distributed backend.", choices=["nccl", "gloo", "mpi", "xccl", "hccl", "cncl", "mccl"]),
+    )
+    ddp_timeout: int = field(default=1800, metadata=_help("Process group timeout in seconds."))
+    fsdp: str | None = field(default=None, metadata=_flag_help("Enable FSDP (torch backends)."))
+    fsdp_config: dict | str | None = field(default=None, metadata=_help("FSDP options: a dict or JSON file path."))
+    deepspeed: dict | str | None = field(default=None, metadata=_help("DeepSpeed config (dict or JSON file)."))
+    debug: str | list[DebugOption] = field(
+        default="", metadata=_help("Debug features: 'underflow_overflow', 'tpu_metrics_debug'.")
+    )
+    skip_memory_metrics: bool = field(default=True, metadata=_help("Skip memory profiling metrics."))
+    do_train: bool = field(default=False, metadata=_help("Run training (read by scripts, not the Trainer)."))
+    do_eval: bool = field(default=False, metadata=_help("Run evaluation (read by scripts, not the Trainer)."))
+    do_predict: bool = field(default=False, metadata=_help("Run prediction (read by scripts, not the Trainer)."))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help("Checkpoint folder to resume from."))
+    local_rank: int = field(default=-1, metadata=_help("Set by old launchers; prefer the LOCAL_RANK variable."))
+
+    # --- xtrainer's own fields ---
+    nan_policy: str = field(
+        default="ignore",
+        metadata=_help("Non-finite loss/grad_norm: 'raise' (stop, naming the step), 'skip' (skip the update), 'ignore'.",
+                       choices=["raise", "skip", "ignore"]),
+    )
     allow_unsafe_checkpoint_load: bool = field(
         default=False,
         metadata=_help(
             "Unpickle checkpoint .pt/.pth/.bin files fully (weights_only=False) when the safe weights-only loader "
             "refuses them. Unpickling runs code stored in the file: enable only for checkpoints you trust."
         ),
-    )
-
-    # --- Reproducibility and hardware ---
-    seed: int = field(default=42, metadata=_help("Random seed set at the start of training."))
-    data_seed: int | None = field(default=None, metadata=_help("Seed of the data samplers; defaults to seed."))
-    full_determinism: bool = field(default=False, metadata=_help("Deterministic algorithms (slow; debugging)."))
-    use_cpu: bool = field(default=False, metadata=_help("Run on CPU even when an accelerator is present."))
-
-    # --- Data loading ---
-    dataloader_drop_last: bool = field(default=False, metadata=_help("Drop the last incomplete batch."))
-    dataloader_num_workers: int = field(default=0, metadata=_help("Data loading worker processes."))
-    dataloader_pin_memory: bool = field(default=True, metadata=_help("Pin host memory in the DataLoader."))
-    dataloader_persistent_workers: bool = field(default=False, metadata=_help("Keep workers alive across epochs."))
-    dataloader_prefetch_factor: int | None = field(default=None, metadata=_help("Batches prefetched per worker."))
-    remove_unused_columns: bool = field(default=True, metadata=_help("Drop columns the model does not take."))
-    label_names: list[str] | None = field(default=None, metadata=_help("Input keys that hold the labels."))
-    train_sampling_strategy: TrainSamplingStrategy | str = field(
-        default="random", metadata=_help("Training sampler: random, sequential or group_by_length.")
-    )
-    length_column_name: str = field(default="length", metadata=_help("Precomputed length column."))
-
-    # --- Distributed ---
-    local_rank: int = field(default=-1, metadata=_help("Set by old launchers; prefer the LOCAL_RANK variable."))
-    ddp_backend: str | None = field(
-        default=None,
-        metadata=_help("torch.distributed backend.", choices=["nccl", "gloo", "mpi", "xccl", "hccl", "cncl", "mccl"]),
-    )
-    ddp_timeout: int = field(default=1800, metadata=_help("Process group timeout in seconds."))
-    ddp_find_unused_parameters: bool | None = field(default=None, metadata=_help("DDP find_unused_parameters."))
-    fsdp: str | None = field(default=None, metadata=_flag_help("Enable FSDP (torch backends)."))
-    fsdp_config: dict | str | None = field(default=None, metadata=_help("FSDP options: a dict or JSON file path."))
-    skip_memory_metrics: bool = field(default=True, metadata=_help("Skip memory profiling metrics."))
-
-    # --- Memory, kernels and model options ---
-    optim_target_modules: None | str | list[str] = field(
-        default=None, metadata=_help("Modules the optimizer targets (GaLore, APOLLO): names or regexes.")
-    )
-    use_liger_kernel: bool = field(default=False, metadata=_help("Patch the model with Liger kernels (torch, CUDA)."))
-    liger_kernel_config: dict | None = field(default=None, metadata=_help("Options passed to the Liger kernel patch."))
-    use_cache: bool = field(default=False, metadata=_help("Keep the model's KV cache on during training."))
-    neftune_noise_alpha: float | None = field(
-        default=None, metadata=_help("NEFTune: add uniform noise of this scale to the input embeddings in training.")
-    )
-    torch_empty_cache_steps: int | None = field(
-        default=None, metadata=_help("Empty the accelerator's memory cache every N steps (torch); None never does.")
-    )
-    auto_find_batch_size: bool = field(
-        default=False, metadata=_help("Halve the training batch size on an out-of-memory error until a step fits.")
-    )
-    enable_jit_checkpoint: bool = field(
-        default=False, metadata=_help("On SIGTERM, finish the step, save a checkpoint and exit (preemption).")
     )
     async_checkpointing: bool = field(
         default=False,
@@ -290,47 +310,6 @@ class TrainingArguments(TrainingArgumentsSetters):
         metadata=_help("Multi-host JAX: seconds after which the other processes stop when one stopped responding "
                        "(xtrainer; jax.distributed's heartbeat timeout)."),
     )
-    debug: str | list[str] = field(
-        default="", metadata=_help("Debug features: 'underflow_overflow', 'tpu_metrics_debug'.")
-    )
-
-    # --- Hub ---
-    push_to_hub: bool = field(default=False, metadata=_help("Push the model to the Hub every time it is saved."))
-    hub_token: str | None = field(default=None, metadata=_help("Token for pushing to the Hub."))
-    hub_private_repo: bool | None = field(default=None, metadata=_help("Make the Hub repository private."))
-    hub_model_id: str | None = field(default=None, metadata=_help("Hub repository kept in sync with output_dir."))
-    hub_strategy: str = field(
-        default="every_save",
-        metadata=_help("What to push and when: 'end', 'every_save', 'checkpoint', 'all_checkpoints'."),
-    )
-    hub_always_push: bool = field(default=False, metadata=_help("Push even while a previous push is unfinished."))
-    hub_revision: str | None = field(default=None, metadata=_help("Branch, tag or commit to push to."))
-    project: str = field(default="huggingface", metadata=_help("Project name for the logging integrations (Trackio)."))
-    trackio_space_id: str | None = field(default=None, metadata=_help("Hugging Face Space id for Trackio logging."))
-    trackio_bucket_id: str | None = field(default=None, metadata=_help("Bucket id for Trackio logging."))
-    trackio_static_space_id: Union[str, None, Literal[False]] = field(
-        default=None, metadata=_help("Static read-only Trackio Space, or False for none.")
-    )
-
-    # --- Distributed and launcher integrations ---
-    eval_use_gather_object: bool = field(
-        default=False, metadata=_help("Gather arbitrary Python objects from all devices in evaluation.")
-    )
-    accelerator_config: dict | str | None = field(default=None, metadata=_help("Accelerate options (dict or JSON file)."))
-    parallelism_config: Any = field(default=None, metadata=_help("Accelerate ParallelismConfig (context/tensor parallel)."))
-    dataloader_multiprocessing_context: str | None = field(
-        default=None,
-        metadata=_help("Start method of data loading workers.", choices=["fork", "spawn", "forkserver"]),
-    )
-    dataloader_in_order: bool = field(
-        default=True, metadata=_help("Yield worker batches in dispatch order (False: as soon as ready).")
-    )
-    ddp_bucket_cap_mb: int | None = field(default=None, metadata=_help("DDP bucket_cap_mb."))
-    ddp_broadcast_buffers: bool | None = field(default=None, metadata=_help("DDP broadcast_buffers."))
-    ddp_static_graph: bool | None = field(default=None, metadata=_help("DDP static_graph."))
-    deepspeed: dict | str | None = field(default=None, metadata=_help("DeepSpeed config (dict or JSON file)."))
-
-    # --- xtrainer ---
     backend: str = field(default="auto", metadata=_help("Training backend.", choices=list(BACKENDS)))
     mesh: dict | str | None = field(
         default=None, metadata=_help('Device mesh axis sizes, e.g. {"data": -1, "fsdp": 1, "tensor": 1}.')
@@ -348,7 +327,7 @@ class TrainingArguments(TrainingArgumentsSetters):
     xla_max_graphs: int | None = field(default=None, metadata=_help("torch_xla: train-step graphs before the recompilation guard fires (8)."))
     xla_on_recompile: str | None = field(default=None, metadata=_help('torch_xla: "warn" or "raise" past xla_max_graphs.'))
 
-    # --- v4 names (deprecated) ---
+    # --- names of transformers 4.x / earlier 5.x (mapped onto their current field, with a DeprecationWarning) ---
     warmup_ratio: float | None = field(default=None, metadata=_help("Deprecated: use warmup_steps < 1."))
     evaluation_strategy: str | None = field(default=None, metadata=_help("Deprecated: use eval_strategy."))
     group_by_length: bool | None = field(
@@ -420,7 +399,7 @@ class TrainingArguments(TrainingArgumentsSetters):
             if not self.logging_steps or self.logging_steps <= 0:
                 raise ValueError("eval_strategy='steps' needs a positive `eval_steps` (or `logging_steps`).")
             self.eval_steps = self.logging_steps
-        needs_metric = self.load_best_model_at_end or self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU
+        needs_metric = self.load_best_model_at_end or self.lr_scheduler_type in (SchedulerType.REDUCE_ON_PLATEAU, SchedulerType.GREEDY)
         if needs_metric and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:

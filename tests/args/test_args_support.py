@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import re
+import warnings
 
 import pytest
 
@@ -55,8 +56,10 @@ def _first(kind, backend: str) -> str:
     return next(n for n, d in SUPPORT.items() if isinstance(d[backend], kind))
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", "jax", "torch_xla"])
 def test_a_field_without_effect_warns_once_naming_field_backend_and_alternative(tmp_path, backend, caplog):
+    if backend == "torch_xla":
+        pytest.importorskip("torch_xla")
     if backend == "jax":
         pytest.importorskip("flax")
         from flax import nnx
@@ -66,14 +69,16 @@ def test_a_field_without_effect_warns_once_naming_field_backend_and_alternative(
         model = RegressionMLP(nnx.Rngs(0))
     else:
         model = RegressionModel()
-    field = {"torch": "mesh", "jax": "torch_compile"}[backend]
+    field = {"torch": "mesh", "jax": "torch_compile", "torch_xla": "torch_compile"}[backend]
     value = {"mesh": {"data": 1}, "torch_compile": True}[field]
     assert isinstance(SUPPORT[field][backend], NoEffect)
     args = xtrainer.TrainingArguments(str(tmp_path), backend=backend, report_to="none", **{field: value})
-    with caplog.at_level(logging.WARNING, logger="xtrainer"):
+    with caplog.at_level(logging.WARNING, logger="xtrainer"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         xtrainer.Trainer(model=model, args=args)
     messages = [r.getMessage() for r in caplog.records if f"`{field}`" in r.getMessage()]
     assert len(messages) == 1
+    assert not [w for w in caught if field in str(w.message)]  # no second warning from the backend itself
     assert f"backend={backend!r}" in messages[0] and SUPPORT[field][backend].instead in messages[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="xtrainer"):

@@ -161,14 +161,15 @@ def test_ddp_fields_reach_ddp(tmp_path, monkeypatch):
 
 
 def test_fsdp_config_layer_classes(tmp_path):
-    from xtrainer.backends.torch import distributed
+    from xtrainer.backends.torch import fsdp
 
     model = tiny_gpt2()
     args = _args(tmp_path, "torch", fsdp="full_shard", fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2Block"]})
-    blocks = distributed._fsdp_blocks(model, args)
+    blocks = fsdp.wrap_units(model, fsdp.options(args))
     assert len(blocks) == model.config.n_layer and all(type(b).__name__ == "GPT2Block" for b in blocks)
     none = _args(tmp_path, "torch", fsdp="full_shard", fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2MLP"]})
-    assert all(type(b).__name__ == "GPT2MLP" for b in distributed._fsdp_blocks(model, none))
+    mlps = fsdp.wrap_units(model, fsdp.options(none))
+    assert len(mlps) == model.config.n_layer and all(type(b).__name__ == "GPT2MLP" for b in mlps)
 
 
 def test_sharding_rules_on_torch_xla(tmp_path):

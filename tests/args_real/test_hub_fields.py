@@ -5,6 +5,7 @@ unreachable Hub fails before training."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -120,3 +121,24 @@ def test_offline_mode_fails_at_construction(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE must be unset"):
         xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path), train_dataset=regression_data(8))
+
+
+def test_background_commits_arrive_in_checkpoint_order(tmp_path, hub):
+    """One client per Trainer: the step-4 upload waits for the (slow) step-2 one instead of overtaking it."""
+    hub.commit_delays = [1.0]  # only the first commit is slow
+    trainer = xtrainer.Trainer(model=RegressionModel(), train_dataset=regression_data(32),
+                               args=_args(tmp_path, hub_always_push=True, hub_model_id="me/order"))
+    trainer.train()
+    assert [c["summary"] for c in hub.repos["me/order"]["commits"]] == ["Training in progress, step 2",
+                                                                         "Training in progress, step 4"]
+
+
+def test_a_failed_checkpoint_push_is_logged_and_training_goes_on(tmp_path, hub, caplog):
+    hub.refuse_commits = True
+    trainer = xtrainer.Trainer(model=RegressionModel(), train_dataset=regression_data(32),
+                               args=_args(tmp_path, hub_always_push=True))
+    with caplog.at_level(logging.ERROR, logger="xtrainer"):
+        trainer.train()
+    assert trainer.state.global_step == 4 and (tmp_path / "tiny" / "checkpoint-4").is_dir()
+    failures = [r.getMessage() for r in caplog.records if "push to the Hub failed" in r.getMessage()]
+    assert len(failures) == 2 and "commit refused by the fake hub" in failures[0]

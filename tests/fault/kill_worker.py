@@ -163,7 +163,8 @@ def _install_pause_hook(trainer, trial_dir: str, step: int, phase: str) -> None:
 
 
 def run_job(backend: str, trial_dir: str, resume: bool = False, pause_at_step: int | None = None,
-            pause_phase: str = "backend", cache_dir: str | None = None, async_save: bool = False) -> dict:
+            pause_phase: str = "backend", cache_dir: str | None = None, async_save: bool = False,
+            num_workers: int = 0) -> dict:
     """Trains (or resumes) one job in `trial_dir/out`; writes weights.npz and result.json to trial_dir.
 
     async_save: checkpoints are written in the background (async_checkpointing=True).
@@ -187,6 +188,8 @@ def run_job(backend: str, trial_dir: str, resume: bool = False, pause_at_step: i
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out_dir = os.path.join(trial_dir, "out")
     extra = {"jax_compilation_cache_dir": cache_dir} if backend == "jax" and cache_dir else {}
+    if num_workers:  # data-loading worker processes (test_kill9_with_data_workers_resumes_exactly)
+        extra["dataloader_num_workers"] = num_workers
     if async_save:
         extra["async_checkpointing"] = True
     info: dict = {"resumed_from": None, "first_step_s": None}
@@ -268,7 +271,8 @@ def _child(request: dict) -> None:
         before = set(sys.modules)
         run_job(request["backend"], request["trial_dir"], resume=request.get("resume", False),
                 pause_at_step=request.get("pause_at_step"), pause_phase=request.get("pause_phase", "backend"),
-                cache_dir=request.get("cache_dir"), async_save=request.get("async_save", False))
+                cache_dir=request.get("cache_dir"), async_save=request.get("async_save", False),
+                num_workers=request.get("num_workers", 0))
         with open(os.path.join(request["trial_dir"], "modules.json"), "w") as f:
             json.dump(sorted(set(sys.modules) - before), f)  # for the server's next children (see serve)
         code = 0

@@ -51,7 +51,8 @@ PARALLEL = int(os.environ.get("XTRAINER_KILL_PARALLEL", "2"))
 class ForkServer:
     """Client of `kill_worker.py serve`: one pre-imported process that forks a child per run."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, **run_options):
+        self.run_options = run_options  # sent with every run request (e.g. num_workers), unless overridden
         self.proc = subprocess.Popen([sys.executable, WORKER, "serve", backend], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         self.exited: dict[int, int] = {}
@@ -76,7 +77,7 @@ class ForkServer:
 
     def start(self, trial_dir: str, **options) -> int:
         os.makedirs(trial_dir, exist_ok=True)
-        return self.call(op="run", trial_dir=trial_dir, **options)["pid"]
+        return self.call(op="run", trial_dir=trial_dir, **{**self.run_options, **options})["pid"]
 
     def poll(self, pid: int):
         if pid not in self.exited:
@@ -356,6 +357,40 @@ def test_resuming_from_the_final_checkpoint_runs_no_step(tmp_path):
     assert again.state.global_step == 5
     assert [h["step"] for h in again.state.log_history if "loss" in h] == [1, 2, 3, 4, 5]
     assert again.model.a.item() == first.model.a.item() and again.model.b.item() == first.model.b.item()
+
+
+@pytest.mark.slow  # 7 runs with worker processes (~1-2 min here); the default suite resumes with workers in
+# tests/integration/test_input_pipeline.py and kills without them above
+@pytest.mark.timeout(600)
+def test_kill9_with_data_workers_resumes_exactly(tmp_path):
+    """The same promises with 2 data-loading worker processes in every killed and resumed run, checked
+    against a reference run with no worker: one trial of each kill kind (delay, race, pause) on torch."""
+    backend, trials = "torch", int(os.environ.get("XTRAINER_KILL_WORKER_TRIALS", "5"))
+    server = ForkServer(backend, num_workers=2)
+    failures, outcomes = [], []
+    try:
+        runs = []
+        for name, workers in (("reference-warmup", 2), ("reference", 0)):
+            ref_dir = str(tmp_path / name)
+            pid = server.start(ref_dir, num_workers=workers)
+            assert server.wait(pid) == 0, open(os.path.join(ref_dir, "log")).read()[-3000:]
+            with open(os.path.join(ref_dir, "result.json")) as f:
+                runs.append((json.load(f), dict(np.load(os.path.join(ref_dir, "weights.npz")))))
+        (with_workers, _), (reference, ref_weights) = runs
+        losses = lambda result: [(h["step"], h["loss"]) for h in result["log_history"] if "loss" in h]  # noqa: E731
+        assert losses(with_workers) == losses(reference)  # 2 workers train exactly as none
+        run_s = reference["total_s"] - reference["first_step_s"]
+        for seed in range(trials):
+            outcome, problems = _trial(server, str(tmp_path / f"trial-{seed}"), _plan(seed, backend, run_s), None,
+                                       backend, reference, ref_weights)
+            outcomes.append(outcome)
+            failures += [f"seed {seed} {outcome}: {problem}" for problem in problems]
+    finally:
+        server.close()
+    print(json.dumps({"trials": len(outcomes), "killed_mid_run": sum(o.get("killed", False) for o in outcomes),
+                      "kinds": sorted({o["kind"] for o in outcomes}), "failures": len(failures)}))
+    assert not failures, f"{len(failures)} of {len(outcomes)} trials failed:\n" + "\n".join(failures)
+    assert sum(o.get("killed", False) for o in outcomes) >= trials - 1
 
 
 ASYNC_TRIALS = int(os.environ.get("XTRAINER_ASYNC_KILL_TRIALS", "8"))

@@ -3,6 +3,7 @@ warnings, trainer.accelerator, model cards; equal to transformers' where both co
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -72,6 +73,52 @@ def test_banner_and_resume_warnings(tmp_path, caplog):
     assert "per_device_train_batch_size: 2 (from args) != 4 (from trainer_state.json)" in caplog.text
 
 
+def test_evaluation_and_prediction_banners(tmp_path, caplog):
+    trainer = xtrainer.Trainer(model=RegressionModel(), eval_dataset=regression_data(10),
+                               args=_args(tmp_path, per_device_eval_batch_size=4, log_level="info"))
+    with caplog.at_level(logging.INFO, logger="xtrainer"):
+        trainer.evaluate()
+        trainer.predict(regression_data(6))
+    lines = [r.getMessage() for r in caplog.records]
+    evaluation = lines.index("***** Running Evaluation *****")
+    assert lines[evaluation + 1:evaluation + 3] == ["  Num examples = 10", "  Batch size = 4"]
+    prediction = lines.index("***** Running Prediction *****")
+    assert lines[prediction + 1:prediction + 3] == ["  Num examples = 6", "  Batch size = 4"]
+
+
+def test_the_default_handler_prints_only_while_logging_is_not_configured(monkeypatch):
+    from xtrainer.compat import banner
+
+    banner.install_default_handler()
+    banner.install_default_handler()
+    handlers = [h for h in logging.getLogger("xtrainer").handlers if isinstance(h, banner._DefaultHandler)]
+    assert len(handlers) == 1
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)  # it writes to the current sys.stderr
+    record = logging.LogRecord("xtrainer.trainer", logging.INFO, __file__, 1, "***** Running training *****", None,
+                               None)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    handlers[0].handle(record)
+    assert stream.getvalue() == "***** Running training *****\n"
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.NullHandler()])  # the application configured logging
+    handlers[0].handle(record)
+    assert stream.getvalue() == "***** Running training *****\n"
+
+
+def test_end_destroys_the_torch_process_group(tmp_path):
+    import torch.distributed as dist
+
+    trainer = xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path))
+    trainer.end()  # no process group: nothing to end, no error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", world_size=1, rank=0)
+    try:
+        trainer.end()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_accelerator_view_answers_what_libraries_read(tmp_path):
     trainer = xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path, accelerator_config={"split_batches": True}))
     accelerator = trainer.accelerator
@@ -84,6 +131,8 @@ def test_accelerator_view_answers_what_libraries_read(tmp_path):
     with pytest.raises(NotImplementedError, match="does not run accelerate"):
         trainer.create_accelerator_and_postprocess()
     assert (trainer.get_sp_size(), trainer.get_cp_size(), trainer.get_tp_size()) == (1, 1, 1)
+    trainer.model._tp_size = 4  # transformers' tensor-parallel loading records its degree on the model
+    assert trainer.get_tp_size() == 4
 
 
 def test_model_card_for_torch_and_flax_models(tmp_path):

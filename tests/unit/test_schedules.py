@@ -7,7 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from xtrainer.schedules import PlateauState, build_schedule, plateau_init, plateau_update, schedule_names
+from xtrainer.schedules import (
+    METRIC_DRIVEN,
+    GreedyState,
+    PlateauState,
+    build_schedule,
+    greedy_init,
+    greedy_update,
+    plateau_init,
+    plateau_update,
+    schedule_names,
+)
 from xtrainer.trainer_utils import SchedulerType
 
 LR = 1e-3
@@ -39,7 +49,12 @@ CASES = [
                                 "min_lr_ratio": 0.1}),
     ("warmup_stable_decay", 8, {"num_decay_steps": 15, "num_stable_steps": 20, "warmup_type": "1-sqrt",
                                 "decay_type": "1-sqrt", "min_lr_ratio": 0.05, "num_cycles": 1.0}),
+    ("cosine_warmup_with_min_lr", 5, {"min_lr": 1e-5}),
+    ("cosine_warmup_with_min_lr", 0, {"min_lr_rate": 0.1, "num_cycles": 1.0}),
+    ("cosine_warmup_with_min_lr", 6, {"min_lr_rate": 0.05, "warmup_lr_rate": 0.2}),
+    ("cosine_warmup_with_min_lr", 1, {"min_lr_rate": 0.0, "warmup_lr_rate": 0.5}),
     ("reduce_lr_on_plateau", 0, {}),
+    ("greedy", 0, {}),
 ]
 IDS = [f"{name}-w{w}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, w, kw in CASES]
 
@@ -59,12 +74,17 @@ def test_every_schedule_type_is_covered():
     assert {name for name, _, _ in CASES} == set(schedule_names())
 
 
+def test_every_transformers_schedule_type_exists():
+    transformers_types = pytest.importorskip("transformers.trainer_utils").SchedulerType
+    assert [t.value for t in transformers_types] == [t.value for t in SchedulerType]
+
+
 @pytest.mark.filterwarnings("ignore:Both num_training_steps and num_stable_steps:UserWarning")
 @pytest.mark.parametrize("name,warmup,kwargs", CASES, ids=IDS)
 def test_bitwise_parity_with_transformers(name, warmup, kwargs):
     transformers = pytest.importorskip("transformers")
     optimizer = _torch_optimizer()
-    hf_kwargs = {} if name == "reduce_lr_on_plateau" else kwargs
+    hf_kwargs = {} if name in METRIC_DRIVEN else kwargs
     hf = transformers.get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=TOTAL,
                                     scheduler_specific_kwargs=hf_kwargs)
     schedule = _ours(name, warmup, kwargs)
@@ -73,8 +93,8 @@ def test_bitwise_parity_with_transformers(name, warmup, kwargs):
         assert type(multiplier) is float
         assert LR * multiplier == optimizer.param_groups[0]["lr"], f"step {step}"
         optimizer.step()
-        if name == "reduce_lr_on_plateau":
-            hf.step(1.0)  # a flat metric; the plateau part is tested separately
+        if name in METRIC_DRIVEN:
+            hf.step(1.0)  # a flat metric; the metric-driven part is tested separately
             break
         hf.step()
 
@@ -129,6 +149,58 @@ def test_plateau_matches_torch(kwargs):
     assert len(set(ours)) > 1 or not kwargs  # the metric sequence does trigger reductions
 
 
+GREEDY_METRICS = ([1.0 / (i + 1) for i in range(30)] + [0.5] * 40 + [0.9, 0.2, 0.7, 0.1, 0.6, 0.15, 0.8] * 6
+                  + [0.05 - 0.001 * i for i in range(25)])
+GREEDY_CASES = [
+    {},
+    {"patience": 2, "min_lr": 1e-4, "max_lr": 0.1},
+    {"patience": 1, "min_lr": 1e-3, "cooldown": 2, "warmup": 1},
+    {"patience": 0, "factor": 0.5, "min_lr": 2e-3, "reset_start": 3, "cooldown": 1, "warmup": 1},
+    {"patience": 0, "smooth": True, "window_size": 4, "min_lr": 1e-5, "threshold_mode": "rel", "threshold": 0.01},
+    {"mode": "max", "patience": 1, "min_lr": [1e-4]},
+    {"patience": 0, "factor": 0.5, "eps": 1e-3, "min_lr": 1e-4, "max_lr": 0.05},
+]
+
+
+@pytest.mark.parametrize("kwargs", GREEDY_CASES, ids=[str(k) for k in GREEDY_CASES])
+def test_greedy_matches_transformers(kwargs):
+    transformers = pytest.importorskip("transformers")
+    lr = 1e-2
+    optimizer = _torch_optimizer()
+    optimizer.param_groups[0]["lr"] = lr
+    hf = transformers.get_scheduler("greedy", optimizer, scheduler_specific_kwargs=kwargs)
+    state = greedy_init(lr, kwargs)
+    assert isinstance(state, GreedyState) and state.multiplier == 1.0
+    ours = []
+    for metric in GREEDY_METRICS:
+        state = greedy_update(state, metric)
+        hf.step(metric)
+        assert state.lr == optimizer.param_groups[0]["lr"], metric
+        assert math.isclose(lr * state.multiplier, state.lr, rel_tol=1e-12)
+        ours.append(state.lr)
+    assert len(set(ours)) > 2  # the metric sequence moves the lr both ways
+    if kwargs.get("reset_start") == 3:
+        assert any(b == lr and a < lr for a, b in zip(ours, ours[1:]))  # a stay at min_lr resets to the base lr
+
+
+def test_greedy_rejects_what_it_cannot_schedule():
+    with pytest.raises(ValueError, match="factor"):
+        greedy_init(1e-3, {"factor": 1.0})
+    with pytest.raises(ValueError, match="per-group `min_lr`"):
+        greedy_init(1e-3, {"min_lr": [1e-4, 1e-5]})
+    with pytest.raises(ValueError, match="patiance"):
+        build_schedule("greedy", num_training_steps=5, learning_rate=1e-3, scheduler_kwargs={"patiance": 2})
+
+
+def test_greedy_verbose_prints_each_change(capsys):
+    state = greedy_init(1e-2, {"patience": 0, "min_lr": 1e-4, "verbose": True})
+    for metric in (1.0, 1.0):
+        state = greedy_update(state, metric)
+    out = capsys.readouterr().out
+    assert "Epoch 1: increasing learning rate of group 0 to 1.0526e-02." in out  # better than inf
+    assert "Epoch 2: reducing learning rate of group 0 to 1.0000e-02." in out  # no better
+
+
 def test_plateau_default_multiplier_and_step_schedule():
     state = plateau_init()
     for _ in range(12):
@@ -154,6 +226,8 @@ def test_unknown_name_lists_valid_names():
     ("warmup_stable_decay", {}, "num_decay_steps"),
     ("cosine_with_min_lr", {}, "min_lr"),
     ("cosine_with_min_lr", {"min_lr": 1e-5, "min_lr_rate": 0.1}, "min_lr_rate"),
+    ("cosine_warmup_with_min_lr", {}, "min_lr"),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1, "warmup_lr": 0.1}, "warmup_lr"),
     ("polynomial", {"lr_end": 1.0}, "lr_end"),
 ])
 def test_bad_kwargs_are_named(name, kwargs, needle):

@@ -206,7 +206,7 @@ def test_alias_conflicts_raise():
         ({"per_device_train_batch_size": 0}, ["per_device_train_batch_size"]),
         ({"per_device_eval_batch_size": 0}, ["per_device_eval_batch_size"]),
         ({"warmup_steps": -1}, ["warmup_steps"]),
-        ({"optim": "adamw_8bit"}, ["optim", "adamw_torch_fused", "lion_32bit"]),
+        ({"optim": "adamw_9bit"}, ["optim", "adamw_torch_fused", "lion_32bit"]),
         ({"lr_scheduler_type": "cosine_wobble"}, ["lr_scheduler_type", "cosine_with_restarts"]),
         ({"eval_strategy": "sometimes"}, ["eval_strategy", "'steps'", "'epoch'"]),
         ({"save_strategy": "often"}, ["save_strategy", "'best'"]),
@@ -337,7 +337,7 @@ def test_hf_argument_parser_bare_deprecated_flags():
     assert args.gradient_checkpointing and args.train_sampling_strategy is TrainSamplingStrategy.GROUP_BY_LENGTH
     assert args.use_cpu and args.warmup_steps == 0.2
     with pytest.raises(SystemExit):  # enum choices are enforced by the parser
-        parser.parse_args_into_dataclasses(["--optim", "adamw_8bit"])
+        parser.parse_args_into_dataclasses(["--optim", "adamw_9bit"])
 
 
 def test_hf_argument_parser_json_file(tmp_path):

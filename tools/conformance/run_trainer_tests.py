@@ -120,6 +120,10 @@ def main(argv=None) -> int:
             cmd = [
                 args.python, "-m", "pytest", "-p", "conformance_redirect", "-p", "no:cacheprovider",
                 f"tests/trainer/{name}", "-q", "-rfEs", f"--timeout={args.timeout}",
+                # Python's own traceback format: pytest's source-reading one crashed (INTERNALERROR,
+                # "AST constructor recursion depth mismatch") after a test's RecursionError on 3.11.7,
+                # losing the results of the file's remaining tests.
+                "--tb=native",
                 f"--junitxml={os.path.join(out, stem + '.xml')}", "-o", "junit_family=xunit1",
             ]
             if args.keyword:

@@ -39,7 +39,10 @@ _REGISTRY: dict[str, tuple[tuple[str, ...], Callable[[], type]]] = {
 
 
 def _importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a dotted name whose parent package is missing ("orbax.checkpoint" without orbax)
+        return False
 
 
 def available_backends() -> list[str]:
@@ -81,8 +84,8 @@ def resolve_backend_name(requested: str, model: Any) -> str:
         missing = [d for d in deps if not _importable(d)]
         if missing:
             raise ValueError(
-                f"backend={requested!r} needs {', '.join(missing)}, which is not installed: "
-                f"pip install 'xtrainer[{_EXTRAS[requested]}]'."
+                f"backend={requested!r} needs {', '.join(missing)}, {'which is' if len(missing) == 1 else 'which are'} "
+                f"not installed: pip install 'xtrainer[{_EXTRAS[requested]}]'."
             )
         return requested
     kind = model_kind(model)
@@ -181,8 +184,13 @@ def get_backend(name: str) -> Any:
 def early_setup(args) -> None:
     """Process-level setup that must happen before any model is built (called by TrainingArguments).
 
-    Today: joining a multi-host JAX run when the environment asks for one.
+    Today: XLA's deterministic flags for full_determinism (read when JAX starts), and joining a
+    multi-host JAX run when the environment asks for one.
     """
+    if str(getattr(args, "backend", "auto")) in ("auto", "jax") and getattr(args, "full_determinism", False):
+        from .jax.determinism import request_process_flags
+
+        request_process_flags()
     if str(getattr(args, "backend", "auto")) in ("auto", "jax") and os.environ.get("JAX_COORDINATOR_ADDRESS"):
         from .jax.multihost import initialize_from_env
 

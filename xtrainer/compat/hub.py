@@ -7,7 +7,10 @@ through huggingface_hub's own client (so HF_ENDPOINT, HF_TOKEN and its offline s
   output_dir and uploads output_dir in the background ("Training in progress, step N"); "checkpoint" also
   uploads the checkpoint as `last-checkpoint/`, "all_checkpoints" each one under its own name; "end" uploads
   only when save_model() / push_to_hub() runs. A checkpoint push is skipped while the previous one is still
-  uploading, unless `hub_always_push`.
+  uploading, unless `hub_always_push`. A checkpoint upload that fails is logged as an error and training goes on
+  (the files stay in output_dir; the next push uploads them again).
+- One huggingface_hub client per Trainer: its single upload thread keeps the background commits in the order
+  the checkpoints were saved.
 - `trainer.push_to_hub()` saves the model, writes a model card (README.md: hyperparameters and results,
   transformers' TrainingSummary) and uploads output_dir, leaving out checkpoint folders and `_*` files.
 """
@@ -18,8 +21,10 @@ import json
 import logging
 import os
 import shutil
+from concurrent import futures
 from pathlib import Path
 
+from ..extras import MissingExtraError, require
 from ..trainer_utils import HubStrategy, SaveStrategy
 
 logger = logging.getLogger(__name__)
@@ -31,12 +36,13 @@ _MODEL_FILES = ("config.json", "generation_config.json", "pytorch_model.bin", "m
 _INDEX_FILES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
 
 
-def hf_api():
-    try:
-        from huggingface_hub import HfApi
-    except ImportError as exc:
-        raise ImportError("push_to_hub needs huggingface_hub: pip install 'xtrainer[hub]'") from exc
-    return HfApi()
+def hf_api(trainer):
+    """The trainer's huggingface_hub client, made on first use. One per Trainer: HfApi runs `run_as_future`
+    uploads on one thread of its own, so the checkpoints' commits reach the Hub in the order they were made."""
+    api = getattr(trainer, "_hub_api", None)
+    if api is None:
+        api = trainer._hub_api = require("huggingface_hub", "hub", "push_to_hub").HfApi()
+    return api
 
 
 class PushInProgress:
@@ -49,8 +55,18 @@ class PushInProgress:
         return all(job.done() for job in self.jobs)
 
     def wait_until_done(self) -> None:
+        futures.wait(self.jobs)
+        self.report_failures()
+
+    def report_failures(self) -> None:
+        """Logs each finished upload that failed, once (training goes on: the files stay in output_dir and the
+        next push uploads them again)."""
         for job in self.jobs:
-            job.result()
+            if not job.done() or job.cancelled() or job.exception() is None or getattr(job, "_reported", False):
+                continue
+            job._reported = True
+            logger.error("A push to the Hub failed (%s: %s); the files stay in output_dir and the next push uploads "
+                         "them.", type(job.exception()).__name__, job.exception())
 
 
 def init_hf_repo(trainer, token: str | None = None, private: bool | None = None) -> None:
@@ -62,7 +78,9 @@ def init_hf_repo(trainer, token: str | None = None, private: bool | None = None)
     token = token if token is not None else args.hub_token
     private = private if private is not None else args.hub_private_repo
     try:
-        url = hf_api().create_repo(name, token=token, private=private, exist_ok=True)
+        url = hf_api(trainer).create_repo(name, token=token, private=private, exist_ok=True)
+    except MissingExtraError:
+        raise
     except Exception as exc:  # offline mode, no network, bad token: say so before any training
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         raise RuntimeError(
@@ -92,6 +110,8 @@ def push_from_checkpoint(trainer, checkpoint: str) -> None:
     if not trainer.is_world_process_zero() or strategy == HubStrategy.END:
         return
     pushing = getattr(trainer, "push_in_progress", None)
+    if pushing is not None:
+        pushing.report_failures()
     if not args.hub_always_push and pushing is not None and not pushing.is_done():
         return  # the previous push is still uploading
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
@@ -108,7 +128,7 @@ def push_from_checkpoint(trainer, checkpoint: str) -> None:
         message = f"Training in progress, step {trainer.state.global_step}"
     else:
         message = f"Training in progress, epoch {int(trainer.state.epoch or 0)}"
-    api = hf_api()
+    api = hf_api(trainer)
     jobs = [api.upload_folder(repo_id=trainer.hub_model_id, folder_path=output_dir, commit_message=message,
                               token=args.hub_token, run_as_future=True, revision=args.hub_revision,
                               ignore_patterns=["_*", f"{CHECKPOINT_PREFIX}-*", f"tmp-{CHECKPOINT_PREFIX}-*"])]
@@ -128,7 +148,8 @@ def finish_current_push(trainer) -> None:
     pushing = getattr(trainer, "push_in_progress", None)
     if pushing is not None and not pushing.is_done():
         logger.info("Waiting for the current checkpoint push to finish.")
-        pushing.wait_until_done()
+    if pushing is not None:
+        pushing.wait_until_done()  # and logs the uploads that failed
 
 
 def create_model_card(trainer, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
@@ -136,11 +157,8 @@ def create_model_card(trainer, language=None, license=None, tags=None, model_nam
     """Writes output_dir/README.md: transformers' model card with the run's hyperparameters and results."""
     if not trainer.is_world_process_zero():
         return
-    try:
-        from huggingface_hub import ModelCard
-        from transformers.modelcard import TrainingSummary
-    except ImportError as exc:
-        raise ImportError("create_model_card needs transformers and huggingface_hub: pip install 'xtrainer[hub]'") from exc
+    ModelCard = require("huggingface_hub", "hub", "create_model_card").ModelCard
+    TrainingSummary = require("transformers.modelcard", "hub", "create_model_card").TrainingSummary
     path = os.path.join(trainer.args.output_dir, "README.md")
     if os.path.exists(path):
         existing = ModelCard.load(path).data.tags
@@ -195,7 +213,7 @@ def push_to_hub(trainer, commit_message: str | None = "End of training", blockin
         kwargs["tags"] = tags + [tag for tag in model_tags if tag not in tags]
     trainer.create_model_card(model_name=model_name, **kwargs)
     finish_current_push(trainer)
-    return hf_api().upload_folder(
+    return hf_api(trainer).upload_folder(
         repo_id=trainer.hub_model_id, folder_path=args.output_dir, commit_message=commit_message, token=token,
         run_as_future=not blocking, revision=revision if revision is not None else args.hub_revision,
         ignore_patterns=["_*", f"{CHECKPOINT_PREFIX}-*", f"tmp-{CHECKPOINT_PREFIX}-*"],

@@ -19,6 +19,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from ..extras import require
+
 _STAGES = {"__init__": "init", "train": "train", "_inner_training_loop": "train", "evaluate": "eval",
            "predict": "test"}
 
@@ -46,10 +48,7 @@ class MemoryTracker:
         self._sampler: threading.Thread | None = None
         self._sampling = False
         if not skip:
-            try:
-                import psutil  # noqa: F401
-            except ImportError:
-                raise ImportError("skip_memory_metrics=False needs psutil: pip install psutil") from None
+            require("psutil", "memory", "skip_memory_metrics=False")  # fails here, before any training
 
     # ------------------------------------------------------------------ accelerator memory
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-# name -> (module, callback class, packages it needs)
+from ..extras import MissingExtraError, install_hint
+
+# name -> (module, callback class, packages it needs); each package's pip extra of xtrainer has its name.
 _INTEGRATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tensorboard": ("xtrainer.integrations.tensorboard", "TensorBoardCallback", ("tensorboard",)),
     "jsonl": ("xtrainer.integrations.jsonl", "JsonlCallback", ()),
@@ -88,7 +90,9 @@ def get_reporting_integration_callbacks(report_to) -> list[type]:
         module_name, class_name, needs = _INTEGRATIONS[name]
         missing = [p for p in needs if not _installed(p)]
         if missing:
-            raise ImportError(f"report_to={name!r} needs the {', '.join(missing)} package; install it or drop {name!r}.")
+            raise MissingExtraError(f"report_to={name!r} needs {', '.join(missing)}, "
+                                    f"{'which is' if len(missing) == 1 else 'which are'} not installed: "
+                                    f"{install_hint(missing[0])} (or drop {name!r} from report_to)")
         callbacks.append(getattr(importlib.import_module(module_name), class_name))
     return callbacks
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # flax >= 0.12 refuses plain lists of modules as attributes and offers nnx.List; 0.11 has no
@@ -107,17 +108,39 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """A (num_embeddings, features) lookup table; `attend` is the tied output projection."""
+    """A (num_embeddings, features) lookup table; `attend` is the tied output projection.
+
+    `neftune_noise_alpha` (None unless a trainer sets it, as transformers' Trainer sets it on a torch
+    model's input embedding) adds NEFTune noise to the lookups of calls given a `noise_key`.
+    """
 
     def __init__(self, num, features, names: Names, *, std: float, dtype, param_dtype, rngs):
         self.dtype = dtype
         self.embedding = param(normal(rngs, (num, features), std, param_dtype), names)
+        self.neftune_noise_alpha = None
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    def __call__(self, ids: jax.Array, noise_key: jax.Array | None = None) -> jax.Array:
+        x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return neftune_noise(x, self.neftune_noise_alpha, noise_key)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+# fold_in index of the NEFTune draw: apart from the small indices of the dropout sites.
+NEFTUNE_SITE = 1_000_003
+
+
+def neftune_noise(x: jax.Array, alpha: float | None, key: jax.Array | None) -> jax.Array:
+    """NEFTune: x + U(-b, b) with b = alpha / sqrt(seq_len * hidden) for embeddings x (B, S, H).
+
+    The identity without alpha or key (evaluation passes no key). Same bound as transformers'
+    neftune_post_forward_hook, with the randomness drawn from `key` (so a run is reproducible per seed).
+    """
+    if alpha is None or key is None:
+        return x
+    bound = float(np.float32(alpha) / np.sqrt(np.float32(x.shape[-2] * x.shape[-1])))
+    return x + jax.random.uniform(key, x.shape, jnp.float32, -bound, bound).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._nn import Dense, Embed, LayerNorm, ModuleList, attention, base_dropout_key, dropout, fold
+from ._nn import NEFTUNE_SITE, Dense, Embed, LayerNorm, ModuleList, attention, base_dropout_key, dropout, fold
 
 # HF activation names -> jax functions. "gelu" is the exact erf form, as in torch.
 _ACTIVATIONS = {
@@ -139,7 +139,7 @@ class BertEmbeddings(nnx.Module):
         self.rate = cfg.hidden_dropout_prob
 
     def __call__(self, input_ids, token_type_ids, position_ids, key, deterministic):
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = self.word_embeddings(input_ids, fold(key, NEFTUNE_SITE)) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(position_ids)
         return dropout(self.LayerNorm(x), self.rate, key, deterministic)
 
@@ -243,6 +243,10 @@ class BertForSequenceClassification(nnx.Module):
         if labels is not None:
             out["loss"] = sequence_classification_loss(logits, labels, cfg.num_labels, cfg.problem_type)
         return out
+
+    def get_input_embeddings(self) -> Embed:
+        """The word embedding (transformers' name; a trainer sets NEFTune on it)."""
+        return self.bert.embeddings.word_embeddings
 
 
 def sequence_classification_loss(logits, labels, num_labels: int, problem_type: str | None = None) -> jax.Array:

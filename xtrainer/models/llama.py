@@ -27,7 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ..activation_sharding import shard_batch
-from ._nn import Dense, Embed, ModuleList, RMSNorm, attention
+from ._nn import NEFTUNE_SITE, Dense, Embed, ModuleList, RMSNorm, attention, base_dropout_key, fold
 
 IGNORE_INDEX = -100
 # What a rematerialised decoder layer keeps for the backward pass (jax.checkpoint policies), by name.
@@ -213,7 +213,7 @@ class LlamaModel(nnx.Module):
         self.layers = ModuleList([LlamaDecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, noise_key=None):
         cfg = self.config
         b, s = input_ids.shape
         if position_ids is None:
@@ -225,7 +225,7 @@ class LlamaModel(nnx.Module):
             mask = mask & (attention_mask[:, None, None, :] != 0)
         run = nnx.remat(_run_layer, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else _run_layer
         # Hidden states stay split along the batch between layers (FSDP; see xtrainer/activation_sharding.py).
-        x = shard_batch(self.embed_tokens(input_ids))
+        x = shard_batch(self.embed_tokens(input_ids, noise_key))
         for layer in self.layers:
             x = shard_batch(run(layer, x, cos, sin, mask))
         return self.norm(x)
@@ -237,7 +237,8 @@ class LlamaForCausalLM(nnx.Module):
     Call: `model(input_ids, attention_mask=None, labels=None, *, position_ids=None,
     num_items_in_batch=None, shift_labels=None, deterministic=True, rngs=None)` -> dict with
     "logits" (B, S, vocab) in config.dtype and, when labels or shift_labels are given, "loss"
-    (float32). Llama has no dropout; `deterministic`/`rngs` are accepted for a uniform trainer API.
+    (float32). Llama has no dropout; with deterministic=False, `rngs` only drives NEFTune noise (when a
+    trainer set `neftune_noise_alpha` on `get_input_embeddings()`).
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -250,14 +251,20 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, labels=None, *, position_ids=None,
                  num_items_in_batch=None, shift_labels=None, deterministic: bool = True, rngs=None):
-        del deterministic, rngs  # no dropout in this architecture
-        hidden = self.model(input_ids, attention_mask, position_ids)
+        # No dropout in this architecture: the step's key only feeds NEFTune noise (training only).
+        neftune = not deterministic and self.model.embed_tokens.neftune_noise_alpha is not None
+        noise_key = fold(base_dropout_key(rngs), NEFTUNE_SITE) if neftune else None
+        hidden = self.model(input_ids, attention_mask, position_ids, noise_key)
         logits = self.model.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         out = {"logits": logits}
         if labels is not None or shift_labels is not None:
             out["loss"] = causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch,
                                          shift_labels=shift_labels)
         return out
+
+    def get_input_embeddings(self) -> Embed:
+        """The token embedding (transformers' name; a trainer sets NEFTune on it)."""
+        return self.model.embed_tokens
 
 
 def causal_lm_loss(logits, labels=None, *, num_items_in_batch=None, shift_labels=None,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._nn import Dense, Embed, ModuleList, RMSNorm, base_dropout_key, dropout, fold
+from ._nn import NEFTUNE_SITE, Dense, Embed, ModuleList, RMSNorm, base_dropout_key, dropout, fold
 from .bert import _ACTIVATIONS
 
 IGNORE_INDEX = -100
@@ -311,14 +311,19 @@ class T5ForConditionalGeneration(nnx.Module):
 
     def encode(self, input_ids, attention_mask=None, *, deterministic: bool = True, key=None) -> jax.Array:
         """Encoder hidden states (B, S, d_model)."""
-        return self.encoder(self.shared(input_ids), attention_mask, key=key, deterministic=deterministic)
+        embedded = self.shared(input_ids, fold(key, NEFTUNE_SITE))
+        return self.encoder(embedded, attention_mask, key=key, deterministic=deterministic)
 
     def decode(self, decoder_input_ids, encoder_hidden, encoder_attention_mask=None, decoder_attention_mask=None,
                *, deterministic: bool = True, key=None) -> jax.Array:
         """LM logits (B, T, vocab) of the decoder over `encoder_hidden`."""
-        x = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask, encoder_hidden,
-                         encoder_attention_mask, key=key, deterministic=deterministic)
+        x = self.decoder(self.shared(decoder_input_ids, fold(key, NEFTUNE_SITE)), decoder_attention_mask,
+                         encoder_hidden, encoder_attention_mask, key=key, deterministic=deterministic)
         return self._logits(x)
+
+    def get_input_embeddings(self) -> Embed:
+        """The shared token embedding of encoder and decoder (transformers' name; a trainer sets NEFTune on it)."""
+        return self.shared
 
     def _logits(self, x):
         if self.lm_head is not None:

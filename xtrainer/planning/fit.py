@@ -15,14 +15,14 @@ from .abstract import _Shaped
 from .memory import GIB, StepDoesNotFit, StepMemory, device_memory_limit, is_resource_exhausted
 
 
-def compile_within_memory(backend, jitted, state, arrays: dict, mask, num_items):
+def compile_within_memory(backend, jitted, state, arrays: dict, mask, num_items, compiler_options=None):
     """The compiled step for these arrays; StepDoesNotFit (with `largest_batch` set when one fits) if it does not fit."""
     limit = device_memory_limit(list(backend.mesh.devices.flat))
     batch_devices = backend.mesh_config.batch_devices
 
     def attempt(window):
         try:
-            compiled = jitted.lower(state, window, mask, num_items).compile()
+            compiled = jitted.lower(state, window, mask, num_items).compile(compiler_options=compiler_options)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory means "does not fit"
             if not is_resource_exhausted(exc):
                 raise

@@ -7,6 +7,7 @@ with a warning that names what changed. Metrics stay on device; the front reads 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -19,13 +20,21 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ...activation_sharding import under_mesh
+from ...fsdp_options import spmd_fsdp_plan
 from ...hooks import refuse_overrides
-from ...schedules import plateau_from_args, plateau_update, schedule_from_args
+from ...schedules import (
+    load_metric_schedule,
+    metric_schedule_from_args,
+    metric_schedule_update,
+    save_metric_schedule,
+    schedule_from_args,
+)
 from ...sharding import BATCH_AXES, MeshConfig, parse_sharding_rules, param_spec
 from ..base import EvalOutput, StepMetrics
-from . import multihost, state_io
+from . import determinism, multihost, neftune, state_io
 from .adapters import make_adapter
 from .mesh import build_mesh
+from . import optim
 from .optim import build_optimizer, decay_mask
 from .bound_model import BoundModel
 from .lr_schedule import LrSchedule
@@ -87,6 +96,7 @@ class JaxBackend:
         self._eval_fns: dict = {}
         self.compile_seconds: list[float] = []
         self._last_compiled = None  # the train step that ran last (its cost analysis gives step_flops)
+        self._in_train = False  # between init_state and finalize (bf16/fp16_full_eval apply outside it)
         self._scalar_cache: dict = {}  # host scalar bytes -> replicated device array (see _replicate)
         self._namespace = None  # multi-host: this backend's keys in the coordination service
 
@@ -98,10 +108,7 @@ class JaxBackend:
             reasons.pop("get_optimizer_cls_and_kwargs")
         refuse_overrides(hooks, "jax", reasons)
         if hooks.explicit_optimizer_cls_and_kwargs is not None:
-            raise TypeError(
-                "optimizer_cls_and_kwargs names a torch optimizer class, which backend='jax' cannot run; pass "
-                "optimizers=(optax_transformation, None), or set args.optim."
-            )
+            optim.check_optimizer_cls_and_kwargs(hooks.explicit_optimizer_cls_and_kwargs)
         multihost.initialize_from_env(args)
         if getattr(args, "jax_compilation_cache_dir", None):
             jax.config.update("jax_compilation_cache_dir", args.jax_compilation_cache_dir)
@@ -110,8 +117,11 @@ class JaxBackend:
         self.hooks = hooks
         devices = self.devices or jax.devices()
         self.model = model
-        self.adapter = make_adapter(model, seed=args.seed)
-        mesh_spec = args.mesh
+        with neftune.flax_noise_while_capturing(model, args.neftune_noise_alpha):
+            self.adapter = make_adapter(model, seed=args.seed)
+        self.neftune = neftune.TorchaxNeftune(model, args.neftune_noise_alpha)
+        self.fsdp_plan = spmd_fsdp_plan(args, args.mesh, jax.process_count(), self.name)
+        mesh_spec = self.fsdp_plan.mesh
         if getattr(args, "tpu_config", None):
             from ...tpu_presets import check_against_devices, load_preset
 
@@ -144,7 +154,8 @@ class JaxBackend:
         self.param_shardings = jax.tree_util.tree_map_with_path(
             lambda path, x: NamedSharding(
                 self.mesh,
-                PartitionSpec(*param_spec(_path_str(path), np.shape(x), self.mesh_config, rules, logical.get(_path_str(path)))),
+                PartitionSpec(*param_spec(_path_str(path), np.shape(x), self.mesh_config, rules, logical.get(_path_str(path)),
+                                          min_size=self.fsdp_plan.min_num_params)),
             ),
             self.adapter.params,
         )
@@ -155,7 +166,7 @@ class JaxBackend:
         self.extra = self._globalize(self.adapter.extra, self.replicated)
         self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
         self._host_step = 0
-        self._plateau = None
+        self._metric_schedule = None  # reduce_lr_on_plateau / greedy state, fed by evaluation metrics
         self.lr_schedule = None  # the run's schedule, set by init_state
         return model
 
@@ -165,7 +176,9 @@ class JaxBackend:
     def default_label_names(self) -> list[str]:
         # Models that only return logits still get `labels`: the trainer computes their loss.
         names = self.adapter.input_names or []
-        return [n for n in names if "label" in n] or ["labels"]
+        # shift_labels (the reference Llama's) is an alternative to labels, not a column every batch has:
+        # counted as a label name, batches without it would be evaluated as unlabelled.
+        return [n for n in names if "label" in n and n != "shift_labels"] or ["labels"]
 
     def counts_label_items(self) -> tuple[bool, bool]:
         shifts = getattr(self.model, "loss_shifts_labels", None)
@@ -213,20 +226,41 @@ class JaxBackend:
         return [_path_str(path) for path, decays in flat if decays]
 
     def create_optimizer(self, model) -> Any:
-        """The optax optimizer for args.optim with an injectable learning rate; weight decay follows the
-        (overridable) get_decay_parameter_names."""
+        """The optax optimizer for args.optim (or the Trainer's `optimizer_cls_and_kwargs=(optax factory, kwargs)`)
+        with an injectable learning rate; weight decay follows the (overridable) get_decay_parameter_names."""
         mask = None
         if self.hooks.overrides("get_decay_parameter_names"):
             names = set(self.hooks.get_decay_parameter_names(model))
             mask = jax.tree_util.tree_map_with_path(lambda path, _: _path_str(path) in names, self.adapter.params)
-        return build_optimizer(self.args) if mask is None else build_optimizer(self.args, mask=mask)
+        return build_optimizer(self.args, self.hooks.explicit_optimizer_cls_and_kwargs, mask=mask)
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any) -> LrSchedule:
         args = self.args
-        return LrSchedule(args.learning_rate, schedule_from_args(args, num_training_steps), plateau_from_args(args))
+        # The peak lr the schedule scales: the one optimizer_cls_and_kwargs names, as its torch kwargs' lr would be.
+        explicit = self.hooks.explicit_optimizer_cls_and_kwargs
+        peak = dict(explicit[1]).get("learning_rate", args.learning_rate) if explicit is not None else args.learning_rate
+        return LrSchedule(peak, schedule_from_args(args, num_training_steps), metric_schedule_from_args(args))
+
+    def _smoothing_shifts_labels(self) -> bool:
+        """Whether label smoothing aligns labels as for a causal LM (HF: the model class is a causal LM)."""
+        if self.adapter.kind == "torchax":
+            from ..torch.backend import _is_causal_lm_class
+
+            return _is_causal_lm_class(self.model)
+        return self.counts_label_items()[1]
+
+    def _eval_config(self) -> StepConfig:
+        """The eval step's settings: the training ones, with bf16/fp16_full_eval's dtype outside train()
+        (transformers casts the model for an evaluate/predict that train() did not start)."""
+        config = getattr(self, "config", None) or StepConfig(lr_schedule=_constant_schedule, compute_dtype=self.compute_dtype)
+        full_eval = jnp.bfloat16 if self.args.bf16_full_eval else jnp.float16 if self.args.fp16_full_eval else None
+        if full_eval is not None and not self._in_train:
+            config = dataclasses.replace(config, compute_dtype=full_eval)
+        return config
 
     def init_state(self, num_training_steps: int, optimizer: Any, scheduler: Any) -> dict:
         args = self.args
+        self.neftune.attach()
         if not hasattr(optimizer, "init") or not hasattr(optimizer, "update"):
             raise TypeError(
                 f"backend='jax' needs an optax GradientTransformation as the optimizer; got {type(optimizer).__name__}. "
@@ -237,7 +271,7 @@ class JaxBackend:
                 f"backend='jax' needs the lr scheduler to be a callable step -> learning rate; got {type(scheduler).__name__}."
             )
         self.tx, self.lr_schedule = optimizer, scheduler
-        self._plateau = getattr(scheduler, "plateau", None)
+        self._metric_schedule = getattr(scheduler, "metric_state", None)
         opt_state = self._init_opt_state(self.params)
         injected = find_injected_learning_rate(opt_state)
         update_scale = None
@@ -263,7 +297,7 @@ class JaxBackend:
             max_grad_norm=args.max_grad_norm,
             compute_dtype=self.compute_dtype,
             loss_scaling=bool(args.fp16),
-            remat=bool(args.activation_checkpointing),
+            remat=bool(args.activation_checkpointing) or self.fsdp_plan.activation_checkpointing,
             nan_policy=getattr(args, "nan_policy", "ignore"),
         )
         state = {
@@ -287,6 +321,7 @@ class JaxBackend:
         self._host_step = 0
         self._compiled = {}
         self._eval_fns = {}
+        self._in_train = True
         return state
 
     def _init_opt_state(self, params):
@@ -317,7 +352,7 @@ class JaxBackend:
         schedule = getattr(self, "lr_schedule", None)
         if schedule is None:
             return float(self.args.learning_rate)
-        scale = self._plateau.multiplier if self._plateau is not None else 1.0
+        scale = self._metric_schedule.multiplier if self._metric_schedule is not None else 1.0
         return float(schedule(step)) * float(scale)
 
     def num_trainable_parameters(self) -> int:
@@ -353,7 +388,8 @@ class JaxBackend:
                 "On backend='jax', compute_loss runs inside the compiled train/eval step, where `model` is the model "
                 "bound to the step's parameters; it cannot be called with a bare model."
             )
-        return default_compute_loss(self.adapter, self.hooks, model, inputs, return_outputs, num_items_in_batch)
+        return default_compute_loss(self.adapter, self.hooks, model, inputs, return_outputs, num_items_in_batch,
+                                    smoothing_shifts_labels=self._smoothing_shifts_labels())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         raise RuntimeError(
@@ -456,9 +492,11 @@ class JaxBackend:
         if getattr(self.args, "auto_find_batch_size", False):  # a step that does not fit names the batch that does
             from ...planning.fit import compile_within_memory
 
-            compiled = compile_within_memory(self, jitted, state, arrays, mask, num_items)
+            compiled = compile_within_memory(self, jitted, state, arrays, mask, num_items,
+                                             compiler_options=determinism.compiler_options(self.args))
         else:
-            compiled = jitted.lower(state, arrays, mask, num_items).compile()
+            compiled = jitted.lower(state, arrays, mask, num_items).compile(
+                compiler_options=determinism.compiler_options(self.args))
         seconds = time.perf_counter() - start
         if self._compiled:
             previous = next(reversed(self._compiled))
@@ -508,6 +546,8 @@ class JaxBackend:
     def eval_model(self, state) -> BoundModel:
         """The model prediction_step receives: bound to the current parameters, in evaluation mode."""
         params, extra = (state["params"], state["extra"]) if state is not None else (self.params, self.extra)
+        if state is not None and "opt_state" in state and optim.is_schedule_free(state["opt_state"]):
+            params = self._schedule_free_eval_params(state)  # optimizer.eval() on torch
         apply = self._eager_apply()
         return BoundModel(self.adapter, params, extra, jax.random.key(0), False, apply=apply)
 
@@ -551,14 +591,15 @@ class JaxBackend:
         if ignore_keys is None:
             config = getattr(self.adapter.user_model, "config", None)
             ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["cache"]) or []) if config is not None else []
-        key = (has_labels, counts and count_items and has_labels, bool(shifts), tuple(ignore_keys))
+        config = self._eval_config()
+        key = (has_labels, counts and count_items and has_labels, bool(shifts), tuple(ignore_keys), config)
         fn = self._eval_fns.get(key)
         if fn is None:
-            config = getattr(self, "config", None) or StepConfig(lr_schedule=lambda s: 0.0, compute_dtype=self.compute_dtype)
             # Activations stay split along the batch, as in the train step (activation_sharding.py).
             fn = jax.jit(under_mesh(make_eval_step(self.adapter, config, self.hooks, has_labels=key[0],
                                                    count_items=key[1], shifts_labels=key[2], ignore_keys=key[3]),
-                                    self.mesh))
+                                    self.mesh),
+                         compiler_options=determinism.compiler_options(self.args))
             self._eval_fns[key] = fn
         loss, logits = fn(model._xt_params, model._xt_extra, arrays)
         labels = None
@@ -608,11 +649,20 @@ class JaxBackend:
 
         return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
+    def _schedule_free_eval_params(self, state):
+        """The averaged weights x of a schedule-free optimizer, computed once per state (not per eval batch)."""
+        cached = getattr(self, "_eval_params_cache", (None, None))
+        if cached[0] is not state["opt_state"]:
+            fn = getattr(self, "_eval_params_fn", None) or jax.jit(optim.eval_params)
+            self._eval_params_fn = fn
+            cached = self._eval_params_cache = (state["opt_state"], fn(state["opt_state"], state["params"]))
+        return cached[1]
+
     def on_eval_metric(self, state, value: float) -> None:
-        if self._plateau is None:
+        if self._metric_schedule is None:
             return
-        self._plateau = plateau_update(self._plateau, value)
-        state["lr_scale"] = self._replicate(np.float32(self._plateau.multiplier))
+        self._metric_schedule = metric_schedule_update(self._metric_schedule, value)
+        state["lr_scale"] = self._replicate(np.float32(self._metric_schedule.multiplier))
 
     # ------------------------------------------------------------------ state I/O
 
@@ -645,7 +695,17 @@ class JaxBackend:
             timeout = self._peer_timeout()
             if outcome_tag is not None:
                 barrier = multihost.failure_aware_barrier(self._key(outcome_tag), _peer_save_failed)
-        return state_io.start_save(_without_run_counters(state), directory, barrier_sync_fn=barrier, timeout_s=timeout)
+        finish = state_io.start_save(_without_run_counters(state), directory, barrier_sync_fn=barrier, timeout_s=timeout)
+        metric_state = self._metric_schedule  # the state at this step, not at the time the write ends
+        if metric_state is None or save_only_model or self.process_index != 0:
+            return finish
+
+        def finish_with_metric_schedule():
+            result = finish()
+            save_metric_schedule(metric_state, directory)  # orbax has no slot for this small host state
+            return result
+
+        return finish_with_metric_schedule
 
     def _peer_timeout(self) -> float:
         return float(getattr(self.args, "ddp_timeout", None) or 1800)
@@ -671,6 +731,8 @@ class JaxBackend:
         if "nan" in state:  # the non-finite counters belong to this run, not to the checkpoint
             restored["nan"] = state["nan"]
         self._host_step = int(jax.device_get(restored["step"]))
+        if self._metric_schedule is not None:
+            self._metric_schedule = load_metric_schedule(self._metric_schedule, directory)
         return restored
 
     def adopt_model_weights(self, state):
@@ -695,6 +757,8 @@ class JaxBackend:
             state_io.export_params(self.adapter, params, extra, directory)
 
     def finalize(self, state) -> Any:
+        self._in_train = False
+        self.neftune.detach()
         self.params, self.extra = state["params"], state["extra"]
         return self.adapter.write_back(self.params, self.extra)
 
@@ -728,6 +792,11 @@ class JaxBackend:
 def has_abstract_leaves(tree) -> bool:
     """Whether any leaf is a jax.ShapeDtypeStruct (a model built without weights)."""
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
+
+
+def _constant_schedule(step):
+    """The learning rate of an eval-only step config (one function, so equal configs hash equal)."""
+    return 0.0
 
 
 def _torch_to_host(x):

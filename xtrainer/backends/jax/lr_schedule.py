@@ -19,12 +19,12 @@ class LrSchedule:
     Attributes:
         base_lr: the peak learning rate (args.learning_rate).
         multiplier: step -> factor (xtrainer.schedules; python ints and jax scalars).
-        plateau: the metric-driven reduce_lr_on_plateau state of the run, when that schedule is chosen.
+        metric_state: the metric-driven (reduce_lr_on_plateau / greedy) state of the run, when one is chosen.
     """
 
     base_lr: float
     multiplier: Callable
-    plateau: object | None = None
+    metric_state: object | None = None
 
     def __call__(self, step):
         return self.base_lr * self.multiplier(step)

@@ -5,8 +5,10 @@ means before the model is built. xtrainer therefore calls `initialize_from_env` 
 TrainingArguments is created (scripts build their arguments first) and again when the backend is
 prepared, where a late call gets an error that says what to move.
 
-The preemption service is switched on when xtrainer initialises jax.distributed, so a SIGTERM on
-any host makes every host save the same step (xtrainer/preemption.py).
+With enable_jit_checkpoint=True the preemption service is switched on when xtrainer initialises
+jax.distributed, so a SIGTERM on any host makes every host save the same step (xtrainer/preemption.py).
+Without it the service stays off: its SIGTERM handler would keep the process running, where transformers'
+default (and xtrainer's on one host) is that SIGTERM ends it.
 
 A process that dies (kill -9, a lost host) stops sending heartbeats to the coordination service;
 after `jax_heartbeat_timeout` seconds (TrainingArguments, default 60; JAX's own default is 100)
@@ -44,7 +46,8 @@ def initialize_from_env(args=None) -> None:
     """Calls jax.distributed.initialize with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
 
     On CPU the processes exchange collectives over gloo. A no-op when not requested or already done.
-    `args.jax_heartbeat_timeout` (seconds) bounds how long the other processes outlive a dead one.
+    `args.jax_heartbeat_timeout` (seconds) bounds how long the other processes outlive a dead one;
+    `args.enable_jit_checkpoint` switches JAX's preemption service (which catches SIGTERM) on.
     """
     if not requested() or jax.distributed.is_initialized():
         return
@@ -55,8 +58,9 @@ def initialize_from_env(args=None) -> None:
     if "jax_cpu_collectives_implementation" in jax.config.values:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if "jax_enable_preemption_service" in jax.config.values:
-        # SIGTERM on any host -> every host stops at the same step (see xtrainer/preemption.py).
-        jax.config.update("jax_enable_preemption_service", True)
+        # On: SIGTERM on any host -> every host stops at the same step (see xtrainer/preemption.py). Off unless
+        # asked for, because the service's own SIGTERM handler swallows the signal (the process keeps running).
+        jax.config.update("jax_enable_preemption_service", bool(getattr(args, "enable_jit_checkpoint", False)))
     try:
         jax.distributed.initialize(
             coordinator_address=os.environ[ENV_ADDRESS],

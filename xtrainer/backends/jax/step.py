@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .losses import make_label_smoother
+
 _FP16_GROWTH_INTERVAL = 2000  # steps without overflow before the fp16 loss scale doubles
 
 
@@ -213,15 +215,24 @@ def _loss_is_normalized(model, hooks, adapter, num_items) -> bool:
     return (adapter.accepts_num_items and num_items is not None) or hooks.compute_loss_func is not None
 
 
-def default_compute_loss(adapter, hooks, model, inputs, return_outputs: bool, num_items_in_batch):
-    """The Trainer's default compute_loss on jax (traced): the model's own loss, `compute_loss_func`, or
-    cross entropy / MSE on the logits (default_loss)."""
+def default_compute_loss(adapter, hooks, model, inputs, return_outputs: bool, num_items_in_batch,
+                         smoothing_shifts_labels: bool = False):
+    """The Trainer's default compute_loss on jax (traced): the model's own loss, `compute_loss_func`, the
+    label-smoothed loss (label_smoothing_factor; causal LMs shift their labels), or cross entropy / MSE on
+    the logits (default_loss)."""
     batch = adapter.from_user(dict(inputs))
     num_items = None if num_items_in_batch is None else adapter.from_user(num_items_in_batch)
     labels = batch.get("labels")
     call = dict(batch)
     compute_loss_func = hooks.compute_loss_func
-    if compute_loss_func is not None:
+    smoother = make_label_smoother(hooks.label_smoothing_factor, smoothing_shifts_labels)
+    if compute_loss_func is None and smoother is not None and labels is not None:
+        # As in transformers: the labels go to the smoother, not the model, which so returns only logits.
+        call.pop("labels")
+        outputs = model.apply_jax(call)
+        loss = smoother(outputs, labels, num_items)
+        model._xt_loss_normalized = num_items is not None
+    elif compute_loss_func is not None:
         call.pop("labels", None)
         with adapter.user_context():  # the function sees the model's own outputs, in the user's tensor type
             user_outputs = model(**adapter.to_user(call))

@@ -8,8 +8,8 @@ produce the same log history and weights.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...schedules import plateau_from_args, plateau_update, schedule_from_args
 from ..base import EvalOutput, StepMetrics
-from . import coordination, distributed, save_snapshot, state_io
+from . import coordination, distributed, fsdp, optim, save_snapshot, state_io
+from .device_cache import CacheEmptier
 from .nan_guard import make_nan_guard
-from .optim import decay_parameter_names
+from .neftune import Neftune
+from .optim import build_optimizer, decay_parameter_names
+from .schedulers import build_lr_scheduler, current_lr, is_metric_driven, step_with_metric
 
 
 @dataclass
@@ -34,51 +36,6 @@ class TorchState:
     scheduler: Any = None
     scaler: Any = None
     nan_guard: Any = None  # nan_guard.NanGuard under nan_policy "skip"/"raise"
-
-
-class PlateauScheduler(torch.optim.lr_scheduler.LRScheduler):
-    """reduce_lr_on_plateau driven by the shared pure `plateau_update`, checkpointable like any scheduler.
-
-    Stepping once per optimizer step leaves the lr alone; `observe(metric)` after each evaluation
-    may reduce it.
-    """
-
-    def __init__(self, optimizer, plateau_state):
-        self.plateau = plateau_state
-        super().__init__(optimizer)
-
-    def get_lr(self):
-        plateau = self.plateau
-        return [plateau.lr if base == plateau.base_lr else base * plateau.multiplier for base in self.base_lrs]
-
-    def observe(self, metric: float) -> None:
-        self.plateau = plateau_update(self.plateau, metric)
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
-        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def step(self, epoch=None):
-        self._step_count = getattr(self, "_step_count", 0) + 1
-        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-
-    def state_dict(self):
-        # Plain values only, so the file loads with weights_only=True.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "plateau")}
-        state["plateau"] = dataclasses.asdict(self.plateau)
-        return state
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.plateau = type(self.plateau)(**state_dict.pop("plateau"))
-        self.__dict__.update(state_dict)
-
-
-def build_lr_scheduler(optimizer, args, num_training_steps: int):
-    """A torch scheduler driven by the shared schedules: LambdaLR, or PlateauScheduler for reduce_lr_on_plateau."""
-    plateau = plateau_from_args(args)
-    if plateau is not None:
-        return PlateauScheduler(optimizer, plateau)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_from_args(args, num_training_steps))
 
 
 def _accepts_loss_kwargs(model: nn.Module) -> bool:
@@ -139,6 +96,7 @@ class TorchBackend:
         self.hooks = hooks
         self._optimizer = None  # the optimizer of the run in progress (schedule-free optimizers switch modes)
         self._scaler = None
+        self._lomo_lr = None  # LOMO's lr for the fused backward of the current step
         self.dist = distributed.init_from_env(args)
         self.num_processes, self.process_index = self.dist.world_size, self.dist.rank
         if self.num_processes > 1 and self._host_groups is None:  # preemption and save agreement (coordination.py)
@@ -147,7 +105,12 @@ class TorchBackend:
         self.amp_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         if args.fp16 and self.device.type == "cpu" and not hasattr(torch.amp, "GradScaler"):
             raise ValueError("fp16=True needs torch.amp.GradScaler; use bf16=True on CPU.")
-        self.model = model.to(self.device)
+        fsdp_options = fsdp.options(args)
+        # cpu_ram_efficient_loading: the weights move to the devices shard by shard (fsdp.shard), never whole,
+        # and processes other than rank 0 may hold a meta-device model.
+        lazy = self.dist.sharded and fsdp_options.cpu_ram_efficient_loading
+        self.model = model if lazy else model.to(self.device)
+        self.sharded_checkpoints = self.dist.sharded and fsdp_options.sharded_state_dict
         apply_tf32(args.tf32, self.device)
         watch_underflow_overflow(model, args)
         if args.activation_checkpointing:
@@ -160,6 +123,8 @@ class TorchBackend:
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
+        self.neftune = Neftune(args.neftune_noise_alpha, model)  # hooks attached for each train() run
+        self.cache_emptier = CacheEmptier(args.torch_empty_cache_steps, self.device)
         return model
 
     @property
@@ -179,6 +144,12 @@ class TorchBackend:
     def is_fsdp_enabled(self) -> bool:
         return self.dist.fsdp
 
+    @property
+    def writes_checkpoint_files(self) -> bool:
+        """Whether this process owns checkpoint directories (checkpoint_writer): rank 0, or with save_on_each_node
+        the first process of each node."""
+        return self.dist.writes_checkpoints
+
     def _pick_device(self, args) -> torch.device:
         if getattr(args, "use_cpu", False) or not torch.cuda.is_available():
             return torch.device("cpu")
@@ -186,6 +157,11 @@ class TorchBackend:
 
     def model_input_names(self) -> list[str] | None:
         return list(inspect.signature(self.model.forward).parameters)
+
+    @property
+    def pins_host_memory(self) -> bool:
+        """Whether batches in page-locked memory are copied asynchronously (dataloader_pin_memory acts)."""
+        return self.device.type == "cuda"
 
     def default_label_names(self) -> list[str]:
         return _label_names(self.model)
@@ -198,6 +174,9 @@ class TorchBackend:
         """The module that runs forward in training: DDP / FSDP2 / torch.compile around the model (or the
         model itself); FSDP2 shards the model in place, so build the optimizer after this."""
         args = self.args
+        self._in_train = True  # until finalize: evaluations use the training precision (bf16/fp16_full_eval do not apply)
+        self.neftune.attach(self.model)
+        self.cache_emptier.steps_done = 0
         runner = distributed.wrap_model(self.model, args, self.dist, self.device)
         if args.torch_compile:
             runner = torch.compile(
@@ -223,14 +202,11 @@ class TorchBackend:
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
-        optimizer_cls, kwargs = hooks.optimizer_cls_and_kwargs(model)
-        kwargs = dict(kwargs)
-        # Some optimizers build their own parameter groups (GaLore), need the model (LOMO) or are
-        # layer-wise dicts; transformers lets get_optimizer_cls_and_kwargs say so through these keys.
-        for key in ("params", "model", "optimizer_dict"):
-            if key in kwargs:
-                groups = kwargs.pop(key)
-        return optimizer_cls(groups, **kwargs)
+        if hooks.explicit_optimizer_cls_and_kwargs is None:
+            optim.warn_dropped_weight_decay(self.args)
+        # Own groups (GaLore), the model (LOMO), layer-wise dicts and factories: optim.build_optimizer.
+        return build_optimizer(model, self.args, hooks.optimizer_cls_and_kwargs(model), device_type=self.device.type,
+                               groups=groups)
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer):
         return build_lr_scheduler(optimizer, self.args, num_training_steps)
@@ -309,21 +285,19 @@ class TorchBackend:
         return (self.accepts_loss_kwargs and num_items_in_batch is not None) or self.hooks.compute_loss_func is not None
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self._scaler is not None:
-            self._scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        """loss.backward() (scaled under fp16), or LOMO's fused backward that also applies the update."""
+        optim.backward(loss, self._optimizer, self._lomo_lr, self._scaler)
 
     def training_step(self, model, inputs: Mapping, num_items_in_batch=None) -> torch.Tensor:
         """The Trainer's default training_step: forward through the hooks, then backward (transformers' order)."""
         hooks = self.hooks
         model.train()
-        if callable(getattr(self._optimizer, "train", None)):  # schedule-free optimizers have train/eval modes
-            self._optimizer.train()
+        optim.train_mode(self._optimizer)  # schedule-free optimizers: back to the training weights
         inputs = hooks.prepare_inputs(inputs)
         with hooks.compute_loss_context_manager():
             loss = hooks.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
+        self.cache_emptier.after_forward()  # torch_empty_cache_steps: where transformers' training_step empties it
         if not self.loss_is_scaled_for_ga(num_items_in_batch):
             loss = loss / hooks.current_gradient_accumulation_steps
         self.backward(loss)
@@ -331,7 +305,10 @@ class TorchBackend:
 
     def train_step(self, state: TorchState, window: Sequence[dict], num_items_in_batch: int | None, events):
         model, optimizer = state.model, state.optimizer
-        self._optimizer, self._scaler = optimizer, state.scaler
+        lomo = optim.is_lomo(optimizer)  # LOMO updates inside its backward, at the lr before this step's schedule
+        scaler = None if lomo else state.scaler
+        self._optimizer, self._scaler = optimizer, scaler
+        self._lomo_lr = current_lr(state.scheduler, optimizer) if lomo else None
         num_items = self._num_items_tensor(num_items_in_batch)
         losses = []
         for i, inputs in enumerate(window):
@@ -342,8 +319,8 @@ class TorchBackend:
             losses.append(torch.as_tensor(loss).detach().float().to(self.device))
             if i < len(window) - 1:
                 events.substep_end()
-        if state.scaler is not None:
-            state.scaler.unscale_(optimizer)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
         grad_norm = distributed.clip_grad_norm(model, max_norm)
         events.pre_optimizer_step()
@@ -355,19 +332,22 @@ class TorchBackend:
         guarded = contextlib.nullcontext()
         if guard is not None:  # nan_policy skip/raise: the update is selected on device (nan_guard.py)
             guarded = guard.guarded_step(optimizer, guard.update(list(loss), grad_norm), state.scaler)
-        if state.scaler is not None:
-            scale_before = state.scaler.get_scale()
+        if scaler is not None:
+            scale_before = scaler.get_scale()
             with guarded:
-                state.scaler.step(optimizer)
-                state.scaler.update()
-            skipped = state.scaler.get_scale() < scale_before  # an overflow skips the step (and the schedule)
+                scaler.step(optimizer)
+                scaler.update()
+            skipped = scaler.get_scale() < scale_before  # an overflow skips the step (and the schedule)
         else:
-            with guarded:
-                optimizer.step()
+            if not lomo:  # LOMO's step is a no-op: its backward applied the update
+                with guarded:
+                    optimizer.step()
             skipped = False
         events.optimizer_step()
-        learning_rate = _current_lr(state.scheduler, optimizer)
-        if not skipped:
+        self.cache_emptier.after_optimizer_step()
+        learning_rate = current_lr(state.scheduler, optimizer)
+        # A metric-driven scheduler (ReduceLROnPlateau, GreedyLR, ...) moves after evaluation instead.
+        if not skipped and not is_metric_driven(state.scheduler):
             state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         nonfinite = guard.report() if guard else None
@@ -377,7 +357,18 @@ class TorchBackend:
 
     def eval_model(self, state) -> nn.Module:
         """The model that prediction_step receives: the training wrapper during a run, else the model."""
+        self._apply_full_eval_dtype()
         return state.model if state is not None else self.model
+
+    def _apply_full_eval_dtype(self) -> None:
+        """bf16/fp16_full_eval: an evaluation outside train() runs the model cast to that dtype.
+
+        As in transformers, the cast is in place (no second copy of the weights: that is the memory
+        the option saves), so the model stays in that dtype afterwards.
+        """
+        dtype = torch.bfloat16 if self.args.bf16_full_eval else torch.float16 if self.args.fp16_full_eval else None
+        if dtype is not None and not getattr(self, "_in_train", False):
+            self.model.to(dtype=dtype)
 
     def eval_inputs(self, batch: dict) -> dict:
         return batch
@@ -481,24 +472,25 @@ class TorchBackend:
         return distributed.all_sum(value, self.dist, self.device)
 
     def on_eval_metric(self, state: TorchState, value: float) -> None:
-        if isinstance(state.scheduler, PlateauScheduler):
-            state.scheduler.observe(value)
-        elif isinstance(state.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            state.scheduler.step(value)
+        step_with_metric(state.scheduler, value)  # the metric-driven ones, the user's included; others are left alone
 
     # ------------------------------------------------------------------ state I/O
 
     #: The model weights live in their own files (model.safetensors), written through the Trainer's `_save`.
     weights_restored_with_state = False
-    #: Checkpoints hold the model files (transformers' layout), written through the Trainer's `_save`.
-    model_files_in_checkpoints = True
+
+    @property
+    def model_files_in_checkpoints(self) -> bool:
+        """Checkpoints hold the model files (transformers' layout), written through the Trainer's `_save`;
+        not with fsdp_config state_dict_type="SHARDED_STATE_DICT", where each rank writes its shards (save_async)."""
+        return not getattr(self, "sharded_checkpoints", False)
 
     def model_state_for_save(self, state, copy: bool = False) -> dict | None:
         """Full weights gathered for writing (collective under FSDP); None when the model holds them whole.
 
         copy=True: a host copy, for a write that happens later while training goes on (tied weights stay tied)."""
         gathered = state_io.gather_model_state(self.model, self.dist)
-        if copy and gathered is None and self.dist.is_main:
+        if copy and gathered is None and self.dist.writes_checkpoints:
             return save_snapshot.host_copy(self.model.state_dict())
         return gathered
 
@@ -513,6 +505,9 @@ class TorchBackend:
         background=True: every tensor is copied to host memory first, so the returned function may
         run in another thread while training goes on (save_snapshot.py); False: it runs right away.
         """
+        if getattr(self, "sharded_checkpoints", False):  # fsdp_config state_dict_type="SHARDED_STATE_DICT": per-rank shards, now
+            os.makedirs(directory, exist_ok=True)  # (collective, and before the weights change)
+            fsdp.save_sharded_model(self.model, directory, self.dist.is_main)
         group = self._host_groups.checkpoint if self._host_groups else None
         snapshot = save_snapshot.capture(self.model, state, self.dist, save_only_model=save_only_model,
                                          copy=background, group=group, include_weights=False)
@@ -525,16 +520,23 @@ class TorchBackend:
             return [value]
         return coordination.exchange(value, self._host_groups.checkpoint, self.num_processes)
 
+    def _load_weights(self, directory: str, unsafe: bool) -> None:
+        if fsdp.has_sharded_model(directory):  # written with state_dict_type="SHARDED_STATE_DICT"
+            fsdp.load_sharded_model(self.model, directory, distributed=self.dist.world_size > 1)
+        else:
+            state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+
     def restore(self, state: TorchState, directory: str, *, include_model: bool = True) -> TorchState:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
         if include_model:
-            state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+            self._load_weights(directory, unsafe)
         state_io.load_training_state(state, directory, self.dist, allow_unsafe=unsafe)
+        self.cache_emptier.resume_from(directory)
         return state
 
     def load_model_weights(self, state, directory: str) -> None:
         unsafe = bool(getattr(self.args, "allow_unsafe_checkpoint_load", False))
-        state_io.load_model_weights(self.model, directory, self.dist, allow_unsafe=unsafe)
+        self._load_weights(directory, unsafe)
 
     def export_model(self, state, directory: str, state_dict: dict | None = None) -> None:
         """Writes the model's files (main process; `state_dict` from model_state_for_save when sharded)."""
@@ -547,7 +549,7 @@ class TorchBackend:
         """Destroys the process group this run joined (transformers' Trainer.end)."""
         import torch.distributed as dist
 
-        if self.num_processes > 1 and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():  # torchrun's, or one the script set up itself
             dist.destroy_process_group()
 
     def learning_rates(self, optimizer) -> list[float]:
@@ -561,6 +563,8 @@ class TorchBackend:
         return [group["params"] for group in optimizer.param_groups]
 
     def finalize(self, state) -> nn.Module:
+        self._in_train = False
+        self.neftune.detach()
         return self.model
 
     def barrier(self) -> None:
@@ -630,12 +634,6 @@ def _can_return_loss(model: nn.Module) -> bool:
     except (TypeError, ValueError):
         return False
     return param is not None and param.default is True
-
-
-def _current_lr(scheduler, optimizer) -> float:
-    if hasattr(scheduler, "get_last_lr"):
-        return float(scheduler.get_last_lr()[0])
-    return float(optimizer.param_groups[0]["lr"])
 
 
 def _extract_loss(outputs: Any, inputs: Mapping) -> torch.Tensor:

@@ -8,9 +8,10 @@ exactly like one process with batch N*b.
 
 - DDP: the module that runs forward is a `DistributedDataParallel` wrapper; the user's model object
   keeps holding plain, full, replicated parameters.
-- FSDP2 (`fsdp="full_shard"` or `"shard_grad_op"`): `fully_shard` is applied *in place* to each
-  transformer block and to the root, as accelerate does for transformers' Trainer, so the user's
-  model object holds DTensor shards afterwards. Full weights are gathered when they are saved
+- FSDP2 (`fsdp=True`, `"full_shard"`, `"shard_grad_op"`, ... with `fsdp_config`; see fsdp.py):
+  `fully_shard` is applied *in place* to the wrapped units (by default each transformer block) and
+  to the root, as accelerate does for transformers' Trainer, so the user's model object holds
+  DTensor shards afterwards. Full weights are gathered when they are saved
   (`Trainer.save_model` / checkpoints write an ordinary model.safetensors on rank 0), or with
   `torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))`.
 """
@@ -19,12 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ...fsdp_options import FsdpOptions
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,18 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     fsdp: bool = False
+    save_on_each_node: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def writes_checkpoints(self) -> bool:
+        """Whether this process writes the replicated checkpoint files and owns the checkpoint directory: rank 0,
+        or with save_on_each_node the first process of every node (each node then holds a whole checkpoint in
+        its own output_dir, as transformers writes it)."""
+        return self.local_rank == 0 if self.save_on_each_node else self.rank == 0
 
     @property
     def sharded(self) -> bool:
@@ -46,23 +60,18 @@ class DistInfo:
         return self.fsdp and self.world_size > 1
 
 
-def _fsdp_options(args) -> set[str]:
-    fsdp = getattr(args, "fsdp", None) or ""
-    if fsdp is True:
-        return {"full_shard"}
-    if isinstance(fsdp, (list, tuple)):
-        fsdp = " ".join(str(getattr(f, "value", f)) for f in fsdp)
-    return set(str(fsdp).split())
-
-
 def _wants_fsdp(args) -> bool:
-    return bool(_fsdp_options(args) & {"full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2"})
+    options = FsdpOptions.from_args(args)
+    return options.enabled and options.shard  # fsdp="no_shard" is plain data parallelism (DDP)
 
 
 def init_from_env(args) -> DistInfo:
     """Joins the process group the launcher describes in the environment (no-op for one process)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
+        if _wants_fsdp(args):
+            logger.warning("fsdp is set, but this run has one process: the model is not sharded. Launch several "
+                           "processes (torchrun --nproc_per_node=N) to shard it with FSDP2.")
         return DistInfo()
     use_cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
     if not dist.is_initialized():
@@ -71,12 +80,21 @@ def init_from_env(args) -> DistInfo:
         dist.init_process_group(backend=backend, timeout=timeout)
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return DistInfo(
+    info = DistInfo(
         world_size=dist.get_world_size(),
         rank=dist.get_rank(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         fsdp=_wants_fsdp(args),
+        save_on_each_node=bool(getattr(args, "save_on_each_node", False)),
     )
+    several_nodes = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) < info.world_size
+    if info.sharded and info.save_on_each_node and several_nodes:
+        # The same condition on every rank, so every rank refuses alike (none waits in a collective).
+        raise ValueError(
+            "save_on_each_node=True cannot be combined with FSDP on several nodes: the full model is gathered on "
+            "rank 0 only. Put output_dir on storage every node shares and leave save_on_each_node off."
+        )
+    return info
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -98,39 +116,10 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _fsdp_blocks(model: nn.Module, args) -> list[nn.Module]:
-    """The repeated blocks to shard one by one.
-
-    `fsdp_config["transformer_layer_cls_to_wrap"]` when given (transformers' option), else the
-    `_no_split_modules` classes of HF models, else none (the root alone is sharded).
-    """
-    config = getattr(args, "fsdp_config", None)
-    names = config.get("transformer_layer_cls_to_wrap") if isinstance(config, dict) else None
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    names = set(names or getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
-
-
 def _fully_shard(model: nn.Module, args, info: DistInfo, device: torch.device) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
+    from . import fsdp
 
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:
-        from torch.distributed._composable.fsdp import fully_shard
-
-    if _is_fsdp(model):  # a second train() on the same Trainer: already sharded
-        return model
-    # An explicit mesh of the backend's device: fully_shard's default picks CUDA whenever it
-    # exists, even when the run asked for use_cpu.
-    mesh = init_device_mesh(device.type, (info.world_size,))
-    # shard_grad_op (ZeRO-2) keeps the gathered parameters from forward to backward.
-    reshard = "shard_grad_op" not in _fsdp_options(args)
-    for block in _fsdp_blocks(model, args):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-    return model
+    return fsdp.shard(model, args, info.world_size, info.rank, device)  # fsdp_config's keys: see fsdp.py
 
 
 def _find_unused_parameters(model: nn.Module, args) -> bool:

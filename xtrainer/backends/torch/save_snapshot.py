@@ -86,15 +86,15 @@ def capture(model: nn.Module, state, info, *, save_only_model: bool = False, cop
     snapshot = Snapshot(model=model)
     if include_weights:
         weights = state_io._full_state_dict(model, info)
-        if info.is_main:  # under FSDP the gathered weights are host copies already
+        if info.writes_checkpoints:  # under FSDP the gathered weights are host copies already
             snapshot.weights = weights if info.sharded else keep(weights)
     if save_only_model:
         return snapshot
     if info.sharded:
         snapshot.shard_writer = _shard_writer(state, copy, group)
-    elif info.is_main:
+    elif info.writes_checkpoints:
         snapshot.optimizer = keep(state.optimizer.state_dict())
-    if info.is_main:
+    if info.writes_checkpoints:
         snapshot.scheduler = copying.deepcopy(state.scheduler.state_dict()) if copy else state.scheduler.state_dict()
         if state.scaler is not None:
             snapshot.scaler = keep(state.scaler.state_dict())

@@ -101,9 +101,10 @@ def write_model_weights(model: nn.Module, directory: str, state_dict: dict | Non
 
 
 def save_model_weights(model: nn.Module, directory: str, info) -> None:
-    """Gathers (under FSDP every process must call it) and writes the full weights on rank 0."""
+    """Gathers (under FSDP every process must call it) and writes the full weights on rank 0 (with
+    save_on_each_node: on the first process of each node)."""
     state_dict = gather_model_state(model, info)
-    if info.is_main:
+    if info.writes_checkpoints:
         write_model_weights(model, directory, state_dict)
 
 

@@ -30,6 +30,7 @@ Options (a TrainingArguments attribute of that name, else the environment variab
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -46,6 +47,7 @@ import torch_xla.runtime as xr
 from torch import nn
 
 from ...callbacks import TrainerCallback
+from ...fsdp_options import spmd_fsdp_plan
 from ...sharding import MeshConfig, parse_sharding_rules
 from ..base import EvalOutput, StepMetrics
 from ..torch import distributed, state_io
@@ -53,12 +55,14 @@ from ..torch.backend import (
     TorchBackend,
     TorchState,
     _accepts_loss_kwargs,
-    _current_lr,
     _is_causal_lm_class,
     _loss_shifts_labels,
     watch_underflow_overflow,
 )
 from ..torch.nan_guard import make_nan_guard
+from ..torch.schedulers import current_lr, is_metric_driven
+from ..torch.device_cache import CacheEmptier
+from ..torch.neftune import Neftune
 from . import spmd
 from .static_shapes import PadPolicy, Padded, batch_signature, describe_change, pad_batch
 
@@ -226,8 +230,7 @@ class TorchXlaBackend(TorchBackend):
             raise TypeError(f"backend='torch_xla' needs a torch.nn.Module, got {type(model).__name__}.")
         if args.fp16:
             raise ValueError("fp16=True is not supported by backend='torch_xla'; use bf16=True (XLA's native half type).")
-        if args.torch_compile:
-            warnings.warn("torch_compile is ignored by backend='torch_xla': XLA already compiles every step.", stacklevel=3)
+        # torch_compile=True has no effect here: xtrainer/args_support.py warns once, with the other such fields.
         spmd.ensure_spmd()
         if xr.process_count() > 1:
             from ..registry import MULTI_HOST_TORCH_ROUTE
@@ -242,14 +245,16 @@ class TorchXlaBackend(TorchBackend):
         self.options = XlaOptions.from_args(args)
         self.dist = distributed.DistInfo()
         self.num_processes, self.process_index = 1, 0
-        self.mesh_config = MeshConfig.resolve(args.mesh, xr.global_runtime_device_count())
+        self.fsdp_plan = spmd_fsdp_plan(args, args.mesh, 1, self.name)  # fsdp/fsdp_config -> the mesh
+        self.mesh_config = MeshConfig.resolve(self.fsdp_plan.mesh, xr.global_runtime_device_count())
         self.mesh = spmd.build_mesh(self.mesh_config)
         self.local_batch_devices = self.mesh_config.batch_devices
-        self.placement = spmd.Placement(self.mesh, self.mesh_config, parse_sharding_rules(args.sharding_rules))
+        self.placement = spmd.Placement(self.mesh, self.mesh_config, parse_sharding_rules(args.sharding_rules),
+                                        min_size=self.fsdp_plan.min_num_params)
         self.device = self.placement.device
         self.amp_dtype = torch.bfloat16 if args.bf16 else None
         xm.set_rng_state(int(args.seed))  # dropout on the device (HF's set_seed does the same)
-        if args.activation_checkpointing:
+        if args.activation_checkpointing or self.fsdp_plan.activation_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError(
                     "activation_checkpointing=True (gradient_checkpointing) needs a model with "
@@ -262,6 +267,9 @@ class TorchXlaBackend(TorchBackend):
         self.accepts_loss_kwargs = _accepts_loss_kwargs(model)
         self.shifts_labels = _loss_shifts_labels(model)
         self.is_causal_lm = _is_causal_lm_class(model)
+        self.neftune = Neftune(args.neftune_noise_alpha, model)  # hooks on the device model for each train() run
+        # torch_empty_cache_steps: XLA's runtime owns device memory and has no allocator cache to hand back.
+        self.cache_emptier = CacheEmptier(None, self.device)
         self.policy = PadPolicy(
             rows=self.options.pad_batches,
             seq_bucket=self.options.seq_bucket if self.options.pad_batches else None,
@@ -297,6 +305,8 @@ class TorchXlaBackend(TorchBackend):
         self.compile_events = []
         self._optimizer = optimizer
         guard = make_nan_guard(args, self.device)
+        self._in_train = True  # until finalize (bf16/fp16_full_eval apply to evaluations outside train())
+        self.neftune.attach(self.model)
         return TorchState(model=self.model, optimizer=optimizer, scheduler=scheduler, scaler=None, nan_guard=guard)
 
     def _adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -320,9 +330,10 @@ class TorchXlaBackend(TorchBackend):
             if group.get("fused"):  # torch's fused kernels have no XLA version; the plain update is the same math
                 group["fused"] = False
         if optimizer.state:
-            optimizer.state = type(optimizer.state)(
-                {by_host.get(id(p), p): v for p, v in optimizer.state.items()}
-            )
+            # A defaultdict(dict), as torch builds it; Adagrad fills it in its constructor already.
+            remapped = collections.defaultdict(dict)
+            remapped.update({by_host.get(id(p), p): v for p, v in optimizer.state.items()})
+            optimizer.state = remapped
 
     # ------------------------------------------------------------------ data placement
 
@@ -371,8 +382,9 @@ class TorchXlaBackend(TorchBackend):
         if not had_state:  # this step created the optimizer state: lay it out like the parameters
             self._reshard_optimizer(optimizer)
         events.optimizer_step()
-        learning_rate = _current_lr(state.scheduler, optimizer)
-        state.scheduler.step()
+        learning_rate = current_lr(state.scheduler, optimizer)
+        if not is_metric_driven(state.scheduler):  # ReduceLROnPlateau, GreedyLR...: stepped after evaluation
+            state.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = torch.stack(losses)
         spmd.sync()
@@ -476,6 +488,7 @@ class TorchXlaBackend(TorchBackend):
         return [XlaMetricsReport()] if "tpu_metrics_debug" in debug else []
 
     def eval_model(self, state) -> nn.Module:
+        self._apply_full_eval_dtype()  # bf16/fp16_full_eval outside train()
         return self.model
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None, count_items: bool = True):
@@ -609,5 +622,7 @@ class TorchXlaBackend(TorchBackend):
         state_io.write_model_weights(self.host_model, directory, state_dict)
 
     def finalize(self, state) -> nn.Module:
+        self._in_train = False
+        self.neftune.detach()
         self._pull_weights()
         return self.host_model

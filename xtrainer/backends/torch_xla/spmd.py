@@ -61,8 +61,9 @@ def build_mesh(config: MeshConfig):
 class Placement:
     """Sharded placement on one mesh: partition specs -> `xs.ShardingSpec`, cached per spec."""
 
-    def __init__(self, mesh, config: MeshConfig, rules=()):
+    def __init__(self, mesh, config: MeshConfig, rules=(), min_size: int = 0):
         self.mesh, self.config, self.rules = mesh, config, list(rules)
+        self.min_size = min_size  # fsdp_config's min_num_params: smaller parameters stay replicated
         self.device = torch_xla.device()
         self._specs: dict[tuple, object] = {}
 
@@ -76,7 +77,7 @@ class Placement:
         return found
 
     def param_spec(self, name: str, shape) -> tuple:
-        return param_spec(name, tuple(shape), self.config, self.rules)
+        return param_spec(name, tuple(shape), self.config, self.rules, min_size=self.min_size)
 
     def put(self, tensors: list[torch.Tensor], specs: list[tuple]) -> list[torch.Tensor]:
         """CPU tensors -> XLA tensors sharded by their specs (0-d tensors replicated).
