@@ -98,6 +98,14 @@ def _model(cli):
 
 
 def run(cli) -> int:
+    from ..extras import MissingExtraError, require
+
+    try:  # one line naming the extra when the jax stack is missing (xtrainer/extras.py)
+        for module in ("jax", "flax", "optax"):
+            require(module, "plan", "xtrainer plan")
+    except MissingExtraError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     from . import PlanDependencyError, StepDoesNotFit, largest_fitting_batch, plan, require_libtpu
     from .topology import INSTALL_HINT
 
