@@ -110,6 +110,7 @@ def test_cli_plans_a_config_json_and_prints_json(tmp_path, capsys):
     report = json.loads(captured.out)
     assert report["preset"] == "v6e-1" and report["devices"] == 1 and report["per_device_batch"] == 4
     assert report["fits"] and report["hbm_bytes"] == 32 * GIB
+    assert report["flagged_replicated"] == []  # one device holds every array whole: nothing to flag
     assert os.path.exists(tmp_path / "out" / "plan" / "v6e-1" / "plan.json")
 
 

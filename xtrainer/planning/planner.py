@@ -104,7 +104,8 @@ def plan(model: Any, args: Any, tpu_config: str | TpuPreset | None = None, *,
     with_items = backend.counts_label_items()[0] and "labels" in window
     jitted = backend.jit_train_step({k: v.sharding for k, v in window.items()}, with_items)
     hbm = int((preset.hbm_gib_per_chip or 0) * GIB)
-    tensors = _tensor_plans(state, replicated_threshold_bytes)
+    # On one device every array is whole: nothing to flag.
+    tensors = _tensor_plans(state, replicated_threshold_bytes if len(devices) > 1 else None)
     param_bytes = sum(t.bytes_per_device for t in tensors if t.kind == "param")
     opt_bytes = sum(t.bytes_per_device for t in tensors if t.kind == "optimizer")
     try:
@@ -171,14 +172,14 @@ def _sequence_length(example: Mapping) -> int:
     return int(shapes[0][0]) if shapes else 1
 
 
-def _tensor_plans(state: dict, threshold: int) -> list[TensorPlan]:
+def _tensor_plans(state: dict, threshold: int | None) -> list[TensorPlan]:
     out = []
     for kind, tree in (("param", state["params"]), ("optimizer", state["opt_state"])):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if not hasattr(leaf, "shape") or len(leaf.shape) == 0:
                 continue
             size = bytes_per_device(leaf)
-            flagged = replicated_spec(leaf.sharding) and size > threshold
+            flagged = threshold is not None and replicated_spec(leaf.sharding) and size > threshold
             out.append(TensorPlan(path=_path(path), kind=kind, shape=tuple(leaf.shape), dtype=str(leaf.dtype),
                                   spec=spec_text(leaf.sharding), bytes_per_device=size, flagged=flagged))
     return out
