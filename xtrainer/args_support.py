@@ -273,8 +273,15 @@ SUPPORT: dict[str, dict[str, Any]] = {
     "label_names": front("test_evaluation_outputs"),
     "train_sampling_strategy": front("test_data_order"),
     "length_column_name": front("test_data_order"),
-    "auto_find_batch_size": everywhere(NoEffect("the batch size is not searched in this version; lower "
-                                                "per_device_train_batch_size or raise gradient_accumulation_steps")),
+    "auto_find_batch_size": per_backend(
+        torch=_acts("tests/integration/test_auto_find_batch_size.py::test_torch_restarts_from_the_start_with_a_smaller_batch",
+                    note="out of memory restarts training with int(0.9 x batch), as accelerate does"),
+        jax=_acts("tests/integration/test_auto_find_batch_size.py::test_jax_plans_the_largest_batch_that_fits",
+                  note="the compiled step is checked against device memory; the largest batch that fits is found "
+                       "by compiling smaller ones"),
+        torch_xla=_acts("tests/integration/test_auto_find_batch_size.py::test_torch_xla_restarts_after_resource_exhausted",
+                        note="RESOURCE_EXHAUSTED restarts training with int(0.9 x batch)"),
+    ),
     "neftune_noise_alpha": per_backend(
         torch=_acts(REAL + "test_neftune_noise_alpha.py::test_torch_hook_equals_transformers_hook",
                     REAL + "test_neftune_noise_alpha.py::test_torch_backend_noises_training_embeddings_only"),

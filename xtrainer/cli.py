@@ -4,6 +4,8 @@ Subcommands:
   info   what this environment offers: backends, devices, library versions, what backend="auto"
          picks for a torch and a Flax model, and the TPU presets.
   plot   OUTPUT_DIR [-o PATH]: a PNG of a run's loss, learning-rate and eval curves (plotting.py).
+  plan   --tpu-config PRESET --model NAME: compile the train step for a TPU preset on this machine and
+         report memory, FLOPs, collectives and shardings per device (planning/command.py).
 
 Add a subcommand by writing `_cmd_<name>(args) -> int` and registering it in `build_parser`.
 Every probe guards its imports: a missing library is reported, never raised.
@@ -194,6 +196,18 @@ def auto_backend_choices() -> dict[str, str]:
     return choices
 
 
+def pod_routes() -> dict[str, str]:
+    """What backend="auto" runs each kind of model on, on a single-host and a multi-host TPU slice."""
+    from .backends.registry import pod_backend
+
+    routes = {}
+    for kind, label in (("torch", "torch model"), ("flax", "Flax model")):
+        for hosts, where in ((1, "single-host TPU"), (2, "multi-host TPU pod")):
+            backend, reason = pod_backend(kind, hosts)
+            routes[f"{label}, {where}"] = f"{backend} ({reason})"
+    return routes
+
+
 def preset_info() -> dict[str, str]:
     """Preset name -> one-line summary (or the error that stops it loading)."""
     from .tpu_presets import list_presets, load_preset
@@ -223,6 +237,7 @@ def collect_info(skip_devices: Iterable[str] = ()) -> dict[str, Any]:
         "backends": {"available": available_backends(), "status": backend_status(), "accelerator": accelerator},
         "devices": device_info(skip_devices),
         "auto_backend": auto_backend_choices(),
+        "tpu_routes": pod_routes(),
         "tpu_presets": preset_info(),
     }
 
@@ -266,6 +281,8 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append('backend="auto" picks:')
     for model, choice in info["auto_backend"].items():
         lines.append(f"  {model:<16} -> {choice}")
+    for where, route in info.get("tpu_routes", {}).items():
+        lines.append(f"  {where:<34} -> {route}")
     lines.append("")
 
     presets = info["tpu_presets"]
@@ -322,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", metavar="PATH", default=None,
                       help="where to write the PNG (default: OUTPUT_DIR/training_curves.png)")
     plot.set_defaults(func=_cmd_plot)
+
+    from .planning.command import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

@@ -26,6 +26,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "tensorboard": ("tensorboard",),
     "wandb": ("wandb",),
     "optuna": ("optuna",),
+    "plan": ("libtpu", "jax", "flax", "optax", "orbax.checkpoint"),  # xtrainer plan: the TPU compiler
     # torch-optimi's module is `optimi`; the table lists modules named like their distribution.
     "optimizers": ("schedulefree", "galore_torch", "lomo_optim", "apollo_torch", "grokadamw", "bitsandbytes", "torchao"),
 }

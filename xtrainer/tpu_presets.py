@@ -34,8 +34,11 @@ SUFFIX_COUNTS = {"v2": "tensorcores", "v3": "tensorcores", "v4": "tensorcores", 
 _REQUIRED = ("name", "accelerator_type", "generation", "topology", "chips", "devices_per_chip", "devices",
              "hosts", "devices_per_host", "mesh")
 _OPTIONAL = ("schema_version", "description", "tensorcores_per_chip", "num_slices", "vm_type", "hbm_gib_per_chip",
-             "env", "batch", "notes", "sources")
+             "env", "batch", "notes", "sources", "chip")
 _BATCH_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size")
+# Per-chip figures for the roofline of `xtrainer plan` (xtrainer/planning/roofline.py); each is
+# {value: number, source: where it was published}. ICI is the bidirectional bandwidth of one chip.
+CHIP_FIGURES = ("peak_bf16_tflops", "hbm_gbytes_per_s", "ici_gbytes_per_s")
 
 
 class TpuPresetError(ValueError):
@@ -70,6 +73,7 @@ class TpuPreset:
     description: str = ""
     notes: str = ""
     sources: tuple[str, ...] = ()
+    chip: dict[str, tuple[float, str]] = field(default_factory=dict)  # figure -> (value, source); see CHIP_FIGURES
     path: str | None = None
 
     def mesh_dict(self) -> dict[str, int]:
@@ -286,6 +290,7 @@ def preset_from_dict(data: Mapping[str, Any], *, path: str | os.PathLike | None 
     hbm = data.get("hbm_gib_per_chip")
     if hbm is not None and (isinstance(hbm, bool) or not isinstance(hbm, (int, float)) or hbm <= 0):
         errors.append(f"hbm_gib_per_chip must be a positive number, got {hbm!r}")
+    chip = _chip_figures(data.get("chip"), errors)
 
     if errors:
         raise TpuPresetError(f"{where} is invalid:\n  " + "\n  ".join(errors))
@@ -310,8 +315,30 @@ def preset_from_dict(data: Mapping[str, Any], *, path: str | os.PathLike | None 
         description=str(data.get("description") or ""),
         notes=str(data.get("notes") or "").strip(),
         sources=tuple(sources),
+        chip=chip,
         path=str(path) if path is not None else None,
     )
+
+
+def _chip_figures(chip: Any, errors: list[str]) -> dict[str, tuple[float, str]]:
+    if chip is None:
+        return {}
+    if not isinstance(chip, Mapping):
+        errors.append(f"chip must map figure names to {{value, source}}, got {chip!r}")
+        return {}
+    out = {}
+    for name, entry in chip.items():
+        if name not in CHIP_FIGURES:
+            errors.append(f"chip.{name} is unknown; the figures are {list(CHIP_FIGURES)}")
+            continue
+        value = entry.get("value") if isinstance(entry, Mapping) else None
+        source = entry.get("source") if isinstance(entry, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or not isinstance(source, str) \
+                or not source.strip():
+            errors.append(f"chip.{name} must be {{value: positive number, source: where it was published}}, got {entry!r}")
+            continue
+        out[name] = (float(value), source.strip())
+    return out
 
 
 def _mesh_part(mesh: Any, part: str, errors: list[str]) -> dict[str, int]:

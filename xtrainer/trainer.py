@@ -26,6 +26,7 @@ import numpy as np
 from . import checkpoint as ckpt
 from .args_checks import check_eval_dataset, check_output_dir
 from .args_support import report_unsupported
+from .auto_batch import train_with_batch_search
 from . import checkpoint_writer, data, data_state, preemption
 from .backends import get_backend, resolve_backend_name
 from .backends.base import EvalOutput
@@ -244,6 +245,13 @@ class Trainer:
             raise RuntimeError("model_init returned None; it must return a model.")
         return model
 
+    def plan(self, tpu_config: str | None = None, **kwargs):
+        """Compiles the train step train() would run for a TPU preset, here, and reports memory, FLOPs,
+        collectives and shardings per device (xtrainer/planning; needs `pip install 'xtrainer[plan]'`)."""
+        from .planning.trainer_plan import plan_for_trainer
+
+        return plan_for_trainer(self, tpu_config, **kwargs)
+
     def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20, direction="minimize",
                               backend=None, hp_name=None, **kwargs):
         """Optuna search over trainings of model_init's model; returns a BestRun (see hyperparameter_search.py)."""
@@ -353,7 +361,9 @@ class Trainer:
             # With enable_jit_checkpoint, SIGTERM saves the step and exits 143; a dead peer process gives a
             # clear error; an asynchronous save in flight is settled (preemption.py).
             with preemption.guard_train(self) as self._preemption:
-                return self._train_loop(resume_dir, trial, ignore_keys_for_eval)
+                # auto_find_batch_size: out of memory restarts the loop with a smaller batch (auto_batch.py).
+                return train_with_batch_search(
+                    self, lambda: self._train_loop(resume_dir, trial, ignore_keys_for_eval), resume_dir)
         finally:
             self.is_in_train, self._preemption = False, None
             getattr(getattr(self, "_train_loader", None), "close", lambda: None)()  # persistent workers

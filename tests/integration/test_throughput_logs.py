@@ -72,6 +72,27 @@ def test_meter_rates_and_excluded_time():
     assert quiet.report() == {}
 
 
+def test_mfu_above_one_is_never_logged(caplog):
+    """An mfu above 1 is impossible (the demo once logged 1.0 to 6.9 on CPU from a numpy-measured peak):
+    the meter drops it and warns once that the peak figure is wrong."""
+    clock = FakeClock()
+    meter = ThroughputMeter(FakeBackend(flops=5e11, peak=1e11), clock=clock)  # 5 FLOP per peak FLOP: impossible
+    window = [{"input_ids": np.zeros((4, 8))}]
+    with caplog.at_level("WARNING", logger="xtrainer.throughput"):
+        for _ in range(2):
+            meter.add(window)
+            clock.now += 1.0
+            fields = meter.report()
+            assert "mfu" not in fields and fields["tokens_per_second"] == pytest.approx(32.0)
+    warnings = [r.getMessage() for r in caplog.records if "mfu" in r.getMessage()]
+    assert len(warnings) == 1 and "above 1" in warnings[0] and "XTRAINER_PEAK_FLOPS" in warnings[0]
+    # At the edge (exactly the peak) it is logged.
+    meter = ThroughputMeter(FakeBackend(flops=1e11, peak=1e11), clock=clock)
+    meter.add(window)
+    clock.now += 1.0
+    assert meter.report()["mfu"] == pytest.approx(1.0)
+
+
 def test_peak_table_and_override(monkeypatch):
     assert peak_flops_for_device_kind("TPU v5 lite") == 197e12
     assert peak_flops_for_device_kind("TPU v5") == 459e12
@@ -81,7 +102,9 @@ def test_peak_table_and_override(monkeypatch):
     assert peak_flops_for_device_kind("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops_for_device_kind("Some new chip") is None
     assert device_peak_flops("Some new chip", "tpu") is None
-    assert device_peak_flops("cpu", "cpu") > 1e8  # measured matmul FLOP/s of this host
+    # CPU: the backend's own measurement (the library that runs its steps); none given, no peak and no mfu.
+    assert device_peak_flops("cpu", "cpu", measure=lambda: 3e10) == 3e10
+    assert device_peak_flops("cpu", "cpu") is None
     monkeypatch.setenv("XTRAINER_PEAK_FLOPS", "2.5e12")
     assert device_peak_flops("TPU v4", "tpu") == 2.5e12
     monkeypatch.setenv("XTRAINER_PEAK_FLOPS", "fast")

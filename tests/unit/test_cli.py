@@ -39,7 +39,7 @@ def test_python_m_xtrainer_info_runs_and_reports_everything():
 def test_info_json_has_every_section(capsys):
     assert cli.main(["info", "--json", "--no-devices"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info) == {"python", "versions", "backends", "devices", "auto_backend", "tpu_presets"}
+    assert set(info) == {"python", "versions", "backends", "devices", "auto_backend", "tpu_routes", "tpu_presets"}
     assert info["versions"]["python"] == info["python"]["version"]
     assert info["backends"]["available"] == available_backends()
     assert set(info["backends"]["status"]) == {"jax", "torch", "torch_xla"}

@@ -38,7 +38,8 @@ def test_the_extras_table_matches_pyproject():
         for module in modules:
             assert _normalise(module) in distributions, (extra, module)
     bundled = re.search(r"xtrainer\[(.*)\]", declared["all"][0]).group(1).split(",")
-    assert set(bundled) == set(EXTRAS) - {"xla"}  # all but the torch_xla stack, whose torch pin differs
+    # all but the torch_xla stack, whose torch pin differs, and the ~700 MB TPU compiler of `xtrainer plan`
+    assert set(bundled) == set(EXTRAS) - {"xla", "plan"}
 
 
 def test_require_names_the_feature_and_the_extra(monkeypatch):
@@ -144,9 +145,10 @@ def test_the_readme_commands_on_a_core_install(tmp_path):
     assert set(commands) <= parser_commands, set(commands) - parser_commands
     script = (f"import sys\nfor m in {HIDDEN!r}: sys.modules[m] = None\n"
               "from xtrainer.cli import main\nsys.exit(main(sys.argv[1:]))")
-    expected = {"info": (0, None), "plot": (1, "plot")}
+    expected = {"info": (0, None), "plot": (1, "plot"), "plan": (2, "plan")}
+    arguments = {"plot": [str(tmp_path)], "plan": ["--tpu-config", "v5e-1", "--model", "llama-tiny"]}
     for command in commands:
-        argv = [command] + ([str(tmp_path)] if command == "plot" else [])
+        argv = [command] + arguments.get(command, [])
         done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
         code, extra = expected[command]

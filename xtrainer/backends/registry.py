@@ -93,19 +93,67 @@ def resolve_backend_name(requested: str, model: Any) -> str:
     if kind == "flax" and "jax" in available:
         return "jax"
     if kind == "torch":
-        # On a TPU host a torch model goes to torch_xla (torch eager cannot use the TPU); elsewhere
-        # native torch runs it on CUDA/ROCm when present, else CPU. backend="jax" asks for torchax.
+        # On a TPU host a torch model goes to torch_xla (torch eager cannot use the TPU), except on a
+        # multi-host slice, where it goes to jax through torchax (see pod_backend); elsewhere native
+        # torch runs it on CUDA/ROCm when present, else CPU. backend="jax" asks for torchax.
         if detect_accelerator() == "tpu":
-            if "torch_xla" in available:
-                return "torch_xla"
-            if "jax" in available and _importable("torchax"):
-                return "jax"
+            choice, _ = pod_backend(kind, tpu_host_count(), available)
+            if choice in available:
+                return choice
         if "torch" in available:
             return "torch"
     raise ValueError(
         f"backend='auto' found no backend for a {type(model).__name__} (a {kind} model); "
         f"available backends: {', '.join(available) or 'none'}. Pass backend=... explicitly."
     )
+
+
+# torch_xla 2.9 runs SPMD in one process per slice host only: probed on the PJRT CPU device, two
+# processes each saw only their own devices (process_count() == 1), so no global mesh forms.
+MULTI_HOST_TORCH_ROUTE = (
+    "torch_xla runs one host in this version; a PyTorch model on a multi-host TPU slice trains on the jax "
+    "backend through torchax (backend='jax'), which runs one process per host over one global mesh"
+)
+
+
+def pod_backend(kind: str, hosts: int, available: list[str] | None = None) -> tuple[str, str]:
+    """(backend, reason) for a model of this kind ("torch", "flax") on a TPU slice of `hosts` hosts."""
+    available = available_backends() if available is None else available
+    torchax = "jax" in available and _importable("torchax")
+    if kind != "torch":
+        return "jax", "Flax and JAX models train on the jax backend, one process per host"
+    if hosts > 1:
+        if torchax:
+            return "jax", MULTI_HOST_TORCH_ROUTE
+        return "jax", MULTI_HOST_TORCH_ROUTE + " (install torchax: pip install 'xtrainer[xla]')"
+    if "torch_xla" in available:
+        return "torch_xla", "a PyTorch model on a single-host TPU trains on torch_xla (SPMD over the host's chips)"
+    if torchax:
+        return "jax", "torch_xla is not installed: the PyTorch model trains on the jax backend through torchax"
+    return "torch_xla", "a PyTorch model on a TPU needs torch_xla or torchax: pip install 'xtrainer[xla]'"
+
+
+def tpu_host_count() -> int:
+    """Hosts of the TPU slice this process runs on, judged from the environment (1 when unknown).
+
+    TPU_WORKER_HOSTNAMES lists the slice's workers (GKE and multi-host TPU VMs set it); otherwise the
+    accelerator type in TPU_ACCELERATOR_TYPE is looked up among the TPU presets.
+    """
+    workers = [w for w in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if w.strip()]
+    if len(workers) > 1:
+        return len(workers)
+    accelerator = os.environ.get("TPU_ACCELERATOR_TYPE", "")
+    if accelerator:
+        from ..tpu_presets import list_presets, load_preset
+
+        for name in list_presets():
+            try:
+                preset = load_preset(name)
+            except ValueError:
+                continue
+            if preset.accelerator_type == accelerator and preset.num_slices == 1:
+                return preset.hosts
+    return 1
 
 
 def detect_accelerator() -> str:

@@ -24,10 +24,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from ..activation_sharding import shard_batch
 from ._nn import NEFTUNE_SITE, Dense, Embed, ModuleList, RMSNorm, attention, base_dropout_key, fold
 
 IGNORE_INDEX = -100
+# What a rematerialised decoder layer keeps for the backward pass (jax.checkpoint policies), by name.
+PROJECTIONS = ("query_proj", "key_proj", "value_proj", "out_proj", "mlp_gate", "mlp_up", "mlp_down")
+REMAT_POLICIES = {
+    "full": None,  # nothing: the layer's forward runs again
+    "minimal": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +43,10 @@ class LlamaConfig:
     """Hyper-parameters of `LlamaForCausalLM`; field names follow transformers.LlamaConfig.
 
     dtype is the compute dtype, param_dtype the storage dtype of parameters; remat recomputes each
-    decoder layer's activations in the backward pass (less memory, ~1/3 more compute).
+    decoder layer's activations in the backward pass (less memory, more compute). remat_policy says
+    what a rematerialised layer keeps: "full" keeps only its input (the forward runs again: ~1/3 more
+    FLOPs), "minimal" also keeps the outputs of its seven projections and recomputes only attention
+    and elementwise work (MaxText's policy of that name).
     """
 
     vocab_size: int = 32000
@@ -58,8 +69,11 @@ class LlamaConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    remat_policy: str = "full"
 
     def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
         # Configs are static module attributes and must hash: a list of eos ids becomes a tuple.
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
@@ -90,7 +104,7 @@ class LlamaConfig:
             raise NotImplementedError(f"rope_type={rope_type!r} is not supported (only 'default')")
         if d.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", "rope_theta"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat", "remat_policy", "rope_theta"}
         kwargs = {k: d[k] for k in names if k in d}
         kwargs["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         kwargs.update(overrides)
@@ -151,9 +165,10 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Dense((h, d), (e,), ("heads", "kv", "embed"), use_bias=cfg.attention_bias, **common)
 
     def __call__(self, x, cos, sin, mask):
-        q = apply_rope(self.q_proj(x), cos, sin)
-        k = apply_rope(self.k_proj(x), cos, sin)
-        return self.o_proj(attention(q, k, self.v_proj(x), mask))
+        q = apply_rope(checkpoint_name(self.q_proj(x), "query_proj"), cos, sin)
+        k = apply_rope(checkpoint_name(self.k_proj(x), "key_proj"), cos, sin)
+        v = checkpoint_name(self.v_proj(x), "value_proj")
+        return checkpoint_name(self.o_proj(attention(q, k, v, mask)), "out_proj")
 
 
 class LlamaMLP(nnx.Module):
@@ -166,7 +181,9 @@ class LlamaMLP(nnx.Module):
         self.down_proj = Dense((m,), (e,), ("mlp", "embed"), **common)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = checkpoint_name(self.gate_proj(x), "mlp_gate")
+        up = checkpoint_name(self.up_proj(x), "mlp_up")
+        return checkpoint_name(self.down_proj(jax.nn.silu(gate) * up), "mlp_down")
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -206,10 +223,11 @@ class LlamaModel(nnx.Module):
         mask = jnp.tril(jnp.ones((s, s), dtype=bool))[None, None]
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] != 0)
-        run = nnx.remat(_run_layer) if cfg.remat else _run_layer
-        x = self.embed_tokens(input_ids, noise_key)
+        run = nnx.remat(_run_layer, policy=REMAT_POLICIES[cfg.remat_policy]) if cfg.remat else _run_layer
+        # Hidden states stay split along the batch between layers (FSDP; see xtrainer/activation_sharding.py).
+        x = shard_batch(self.embed_tokens(input_ids, noise_key))
         for layer in self.layers:
-            x = run(layer, x, cos, sin, mask)
+            x = shard_batch(run(layer, x, cos, sin, mask))
         return self.norm(x)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ...activation_sharding import under_mesh
 from ...fsdp_options import spmd_fsdp_plan
 from ...hooks import refuse_overrides
 from ...schedules import (
@@ -84,7 +85,10 @@ class JaxBackend:
 
     name = "jax"
 
-    def __init__(self):
+    def __init__(self, devices: Sequence | None = None):
+        # The devices the mesh is built over: jax.devices() unless given. `xtrainer plan` passes the
+        # devices of a TPU topology that is not here, to compile the train step for it ahead of time.
+        self.devices = list(devices) if devices is not None else None
         self.num_processes = 1
         self.process_index = 0
         self.local_batch_devices = 1
@@ -111,20 +115,31 @@ class JaxBackend:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.args = args
         self.hooks = hooks
+        devices = self.devices or jax.devices()
+        self.model = model
+        with neftune.flax_noise_while_capturing(model, args.neftune_noise_alpha):
+            self.adapter = make_adapter(model, seed=args.seed)
+        self.neftune = neftune.TorchaxNeftune(model, args.neftune_noise_alpha)
         self.fsdp_plan = spmd_fsdp_plan(args, args.mesh, jax.process_count(), self.name)
         mesh_spec = self.fsdp_plan.mesh
         if getattr(args, "tpu_config", None):
             from ...tpu_presets import check_against_devices, load_preset
 
             preset = load_preset(args.tpu_config)
-            if jax.default_backend() != "tpu":
-                logger.warning("tpu_config=%r on %s devices: only the device counts are checked.",
-                               preset.name, jax.default_backend())
-            check_against_devices(preset, jax.device_count(), jax.process_count())
-            if mesh_spec is None:
-                mesh_spec = preset.mesh_dict()
-        self.mesh_config = MeshConfig.resolve(mesh_spec, jax.device_count())
-        self.mesh = build_mesh(self.mesh_config)
+            if has_abstract_leaves(self.adapter.params) and len(devices) != preset.devices:
+                # A model built without weights can only be planned; trainer.plan() checks the preset.
+                logger.info("tpu_config=%r is not checked against these %d devices: the model has no weights "
+                            "(it can be planned, not trained).", preset.name, len(devices))
+            else:
+                if devices[0].platform != "tpu":
+                    logger.warning("tpu_config=%r on %s devices: only the device counts are checked.",
+                                   preset.name, devices[0].platform)
+                hosts = len({d.process_index for d in devices}) if self.devices else jax.process_count()
+                check_against_devices(preset, len(devices), hosts)
+                if mesh_spec is None:
+                    mesh_spec = preset.mesh_dict()
+        self.mesh_config = MeshConfig.resolve(mesh_spec, len(devices))
+        self.mesh = build_mesh(self.mesh_config, devices)
         self.num_processes, self.process_index = jax.process_count(), jax.process_index()
         if self.num_processes > 1 and self._namespace is None:
             self._namespace = multihost.namespace()
@@ -134,10 +149,6 @@ class JaxBackend:
                 f"{self.num_processes} processes; change args.mesh."
             )
         self.local_batch_devices = self.mesh_config.batch_devices // self.num_processes
-        self.model = model
-        with neftune.flax_noise_while_capturing(model, args.neftune_noise_alpha):
-            self.adapter = make_adapter(model, seed=args.seed)
-        self.neftune = neftune.TorchaxNeftune(model, args.neftune_noise_alpha)
         rules = parse_sharding_rules(args.sharding_rules)
         logical = self.adapter.logical_axes()
         self.param_shardings = jax.tree_util.tree_map_with_path(
@@ -261,7 +272,7 @@ class JaxBackend:
             )
         self.tx, self.lr_schedule = optimizer, scheduler
         self._metric_schedule = getattr(scheduler, "metric_state", None)
-        opt_state = jax.jit(self.tx.init)(self.params)  # moment shardings follow the params'
+        opt_state = self._init_opt_state(self.params)
         injected = find_injected_learning_rate(opt_state)
         update_scale = None
         if not injected:
@@ -303,7 +314,7 @@ class JaxBackend:
         if self.config.nan_policy != "ignore":  # this run's non-finite counters (never checkpointed)
             state["nan"] = init_nan_counters()
         self.state_shardings = jax.tree.map(
-            lambda x: x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) == len(self.mesh.devices.flat) else self.replicated,
+            lambda x: x.sharding if getattr(x, "sharding", None) is not None and x.sharding.device_set == set(self.mesh.devices.flat) else self.replicated,
             state,
         )
         state = self._globalize(state, self.state_shardings)
@@ -312,6 +323,28 @@ class JaxBackend:
         self._eval_fns = {}
         self._in_train = True
         return state
+
+    def _init_opt_state(self, params):
+        if has_abstract_leaves(params):
+            raise ValueError(
+                "The model has no weights (it was built abstractly, e.g. with nnx.eval_shape or on the meta device): "
+                "trainer.plan() compiles its train step for a TPU preset, but train() needs real weights."
+            )
+        return jax.jit(self.tx.init, out_shardings=self._opt_state_shardings(params))(params)
+
+    def _opt_state_shardings(self, params):
+        """Optimizer moments sharded as their parameters, everything else replicated.
+
+        Left to XLA, the zeros of a fresh moment are replicated on every device (measured: Adam's mu and
+        nu of a 7B model took 50 GiB per device on a 64-device FSDP mesh instead of 0.8 GiB). A moment of
+        another shape than its parameter (Adafactor's factored row and column statistics) is replicated.
+        """
+        import optax
+
+        shapes = jax.eval_shape(self.tx.init, params)
+        return optax.tree_map_params(
+            self.tx, lambda moment, sharding, param: sharding if moment.shape == param.shape else self.replicated,
+            shapes, self.param_shardings, params, transform_non_params=lambda _: self.replicated)
 
     def _learning_rate_at(self, step: int) -> float:
         """The learning rate of `step` on the host (what the logs report); args.learning_rate before a run
@@ -379,6 +412,8 @@ class JaxBackend:
     def _globalize_leaf(self, x, sharding):
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
+        if isinstance(x, jax.ShapeDtypeStruct):  # a model built without weights stays abstract
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
         if self.num_processes == 1:
             return jax.device_put(x, sharding)
         is_key = isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -452,17 +487,16 @@ class JaxBackend:
         compiled = self._compiled.get(signature)
         if compiled is not None:
             return compiled
-        fn = make_train_step(self.adapter, self.tx, self.config, self.hooks, with_num_items=with_items)
-        batch_shardings = {k: v.sharding for k, v in arrays.items()}
-        jitted = jax.jit(
-            fn,
-            in_shardings=(self.state_shardings, batch_shardings, self.replicated, self.replicated),
-            out_shardings=(self.state_shardings, self.replicated),
-            donate_argnums=(0,),
-        )
+        jitted = self.jit_train_step({k: v.sharding for k, v in arrays.items()}, with_items)
         start = time.perf_counter()
-        compiled = jitted.lower(state, arrays, mask, num_items).compile(
-            compiler_options=determinism.compiler_options(self.args))
+        if getattr(self.args, "auto_find_batch_size", False):  # a step that does not fit names the batch that does
+            from ...planning.fit import compile_within_memory
+
+            compiled = compile_within_memory(self, jitted, state, arrays, mask, num_items,
+                                             compiler_options=determinism.compiler_options(self.args))
+        else:
+            compiled = jitted.lower(state, arrays, mask, num_items).compile(
+                compiler_options=determinism.compiler_options(self.args))
         seconds = time.perf_counter() - start
         if self._compiled:
             previous = next(reversed(self._compiled))
@@ -478,6 +512,17 @@ class JaxBackend:
         self.compile_seconds.append(seconds)
         self._compiled[signature] = compiled
         return compiled
+
+    def jit_train_step(self, batch_shardings: dict, with_items: bool):
+        """The train step exactly as train() compiles it: jitted with its shardings and state donation,
+        not yet lowered. `xtrainer plan` lowers the same function with abstract arrays for a TPU topology."""
+        fn = make_train_step(self.adapter, self.tx, self.config, self.hooks, with_num_items=with_items)
+        return jax.jit(
+            under_mesh(fn, self.mesh),  # models keep activations split along the batch (activation_sharding.py)
+            in_shardings=(self.state_shardings, batch_shardings, self.replicated, self.replicated),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
 
     def train_step(self, state, window, num_items_in_batch, events):
         arrays, mask, real = window
@@ -550,8 +595,10 @@ class JaxBackend:
         key = (has_labels, counts and count_items and has_labels, bool(shifts), tuple(ignore_keys), config)
         fn = self._eval_fns.get(key)
         if fn is None:
-            fn = jax.jit(make_eval_step(self.adapter, config, self.hooks, has_labels=key[0], count_items=key[1],
-                                        shifts_labels=key[2], ignore_keys=key[3]),
+            # Activations stay split along the batch, as in the train step (activation_sharding.py).
+            fn = jax.jit(under_mesh(make_eval_step(self.adapter, config, self.hooks, has_labels=key[0],
+                                                   count_items=key[1], shifts_labels=key[2], ignore_keys=key[3]),
+                                    self.mesh),
                          compiler_options=determinism.compiler_options(self.args))
             self._eval_fns[key] = fn
         loss, logits = fn(model._xt_params, model._xt_extra, arrays)
@@ -740,6 +787,11 @@ class JaxBackend:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("xtrainer")
+
+
+def has_abstract_leaves(tree) -> bool:
+    """Whether any leaf is a jax.ShapeDtypeStruct (a model built without weights)."""
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
 
 def _constant_schedule(step):

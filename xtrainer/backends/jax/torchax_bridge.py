@@ -42,7 +42,13 @@ def import_torchax():
     return torchax, interop
 
 
+_JAX_DTYPES = {"torch.float32": jnp.float32, "torch.bfloat16": jnp.bfloat16, "torch.float16": jnp.float16,
+               "torch.int64": jnp.int32, "torch.int32": jnp.int32, "torch.bool": jnp.bool_}
+
+
 def _to_jax(tensor) -> jax.Array:
+    if tensor.is_meta:  # a module built on the meta device has no values: it can be planned, not trained
+        return jax.ShapeDtypeStruct(tuple(tensor.shape), _JAX_DTYPES.get(str(tensor.dtype), jnp.float32))
     array = tensor.detach().cpu()
     if str(array.dtype) == "torch.bfloat16":
         return jnp.asarray(array.float().numpy(), dtype=jnp.bfloat16)

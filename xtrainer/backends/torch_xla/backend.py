@@ -233,9 +233,11 @@ class TorchXlaBackend(TorchBackend):
         # torch_compile=True has no effect here: xtrainer/args_support.py warns once, with the other such fields.
         spmd.ensure_spmd()
         if xr.process_count() > 1:
+            from ..registry import MULTI_HOST_TORCH_ROUTE
+
             raise NotImplementedError(
-                "backend='torch_xla' runs on one host (one process driving all local devices) in this version; "
-                f"this run has {xr.process_count()} processes."
+                f"backend='torch_xla' runs on one host (one process driving all local devices); this run has "
+                f"{xr.process_count()} processes. {MULTI_HOST_TORCH_ROUTE}."
             )
         self.args = args
         self.hooks = hooks
@@ -418,11 +420,30 @@ class TorchXlaBackend(TorchBackend):
                 kind = "TPU " + tpu.get_tpu_type()
             except Exception:  # metadata server unreachable: no table figure (XTRAINER_PEAK_FLOPS still works)
                 kind = None
-        per_device = device_peak_flops(kind, platform)
+        per_device = device_peak_flops(kind, platform, measure=self._measured_cpu_peak)
         if per_device is None:
             return None
         # The PJRT CPU "devices" share the host's cores: the measured host figure is their total.
         return per_device if platform == "cpu" else per_device * xr.global_runtime_device_count()
+
+    def _measured_cpu_peak(self) -> float:
+        """FLOP/s of an XLA matmul run the way the steps run (torch_xla SPMD over all devices): on CPU,
+        the stand-in for a datasheet peak. Its rows are split over the devices, which share the cores."""
+        cached = getattr(self, "_cpu_peak", None)
+        if cached is None:
+            import torch_xla.distributed.spmd as xs
+
+            from ...throughput import best_matmul_flops
+
+            size = 1024
+            a = torch.ones(size, size, device=xm.xla_device())
+            xs.mark_sharding(a, self.mesh, (tuple(self.mesh.axis_names), None))
+
+            def run():
+                (a @ a).sum().item()  # .item() waits for the device
+
+            cached = self._cpu_peak = best_matmul_flops(run, size, repeats=5)
+        return cached
 
     def _check_recompilation(self, compiled: int, signature: tuple) -> None:
         """The recompilation guard.
