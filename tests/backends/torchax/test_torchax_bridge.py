@@ -102,3 +102,32 @@ def test_sharding_rules_use_torch_parameter_names(tmp_path):
     params = trainer.backend.params
     assert tuple(params["transformer.wte.weight"].sharding.spec) == ("fsdp", None)
     assert tuple(params["transformer.h.0.mlp.c_fc.weight"].sharding.spec) == (None, "fsdp")
+
+
+def test_frozen_parameters_stay_frozen_as_on_the_torch_backend(tmp_path):
+    """requires_grad=False (a frozen embedding) keeps its weights on jax, as torch's optimizer never sees them."""
+    base = _gpt2()
+    base.transformer.wte.weight.requires_grad_(False)  # tied to lm_head: both stay
+    base.transformer.wpe.weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    jax_trainer, jax_losses = _train(copy.deepcopy(base), lm_data(32), tmp_path / "jax", "jax")
+    torch_trainer, torch_losses = _train(copy.deepcopy(base), lm_data(32), tmp_path / "torch", "torch")
+    assert jax_trainer.get_num_trainable_parameters() == torch_trainer.get_num_trainable_parameters() == sum(
+        p.numel() for p in base.parameters() if p.requires_grad)
+    trained = dict(jax_trainer.model.named_parameters())
+    torch.testing.assert_close(trained["transformer.wte.weight"], before["transformer.wte.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(trained["transformer.wpe.weight"], before["transformer.wpe.weight"], rtol=0, atol=0)
+    assert not torch.equal(trained["transformer.h.0.mlp.c_fc.weight"], before["transformer.h.0.mlp.c_fc.weight"])
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4, atol=1e-5)
+
+
+def test_freezing_after_the_trainer_is_built_is_counted_and_refused_at_train(tmp_path):
+    model = _gpt2()
+    args = xtrainer.TrainingArguments(str(tmp_path), backend="jax", max_steps=2, report_to="none", save_strategy="no")
+    trainer = xtrainer.Trainer(model=model, args=args, train_dataset=lm_data(16))
+    total = sum(p.numel() for p in model.parameters())
+    assert trainer.get_num_trainable_parameters() == total
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
+    assert trainer.get_num_trainable_parameters() == total - model.transformer.h[0].mlp.c_fc.weight.numel()
+    with pytest.raises(ValueError, match=r"requires_grad changed .*transformer\.h\.0\.mlp\.c_fc\.weight.*before constructing"):
+        trainer.train()

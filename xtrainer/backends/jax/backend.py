@@ -270,6 +270,9 @@ class JaxBackend:
             raise TypeError(
                 f"backend='jax' needs the lr scheduler to be a callable step -> learning rate; got {type(scheduler).__name__}."
             )
+        check_trainable = getattr(self.adapter, "check_trainable_set", None)
+        if check_trainable is not None:
+            check_trainable()
         self.tx, self.lr_schedule = optimizer, scheduler
         self._metric_schedule = getattr(scheduler, "metric_state", None)
         opt_state = self._init_opt_state(self.params)
@@ -356,6 +359,9 @@ class JaxBackend:
         return float(schedule(step)) * float(scale)
 
     def num_trainable_parameters(self) -> int:
+        count = getattr(self.adapter, "num_trainable_parameters", None)
+        if count is not None:
+            return int(count())
         return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(self.params)))
 
     def end(self) -> None:

@@ -91,6 +91,8 @@ class TorchaxAdapter:
         # JittableModule keeps one name per tied parameter (e.g. GPT-2's lm_head / wte), and
         # functional_call re-inflates the aliases, so ties survive the round trip.
         self.jittable = interop.JittableModule(module)
+        # JittableModule puts parameters with requires_grad=False among the buffers: a frozen layer is
+        # state the step neither differentiates nor updates, as torch's optimizer never sees it.
         self.params = {name: _to_jax(p) for name, p in self.jittable.params.items()}
         self.extra = {name: _to_jax(b) for name, b in self.jittable.buffers.items()}
         signature = inspect.signature(module.forward)
@@ -146,6 +148,27 @@ class TorchaxAdapter:
 
     def logical_axes(self) -> dict:
         return {}
+
+    def num_trainable_parameters(self) -> int:
+        """Counted on the torch module now, as transformers does (a layer frozen after Trainer(...) included)."""
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+    def check_trainable_set(self) -> None:
+        """The step differentiates the parameters that were trainable when the model was lifted; a
+        requires_grad changed since then would be silently ignored, so it is refused."""
+        # Compared by tensor identity: tied parameters have several names, and either may be the one kept.
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        now = {id(p) for p in self.module.parameters() if p.requires_grad}
+        lifted = {id(self.module.get_parameter(name)) for name in self.params}
+        if now != lifted:
+            frozen = sorted(names.get(i, "?") for i in lifted - now)
+            unfrozen = sorted(names.get(i, "?") for i in now - lifted)
+            raise ValueError(
+                "requires_grad changed on the torch model after Trainer(...) was built "
+                f"(frozen since: {frozen[:5]}; unfrozen since: {unfrozen[:5]}). On backend='jax' the trainable "
+                "parameters are fixed when the Trainer lifts the model: set requires_grad before constructing "
+                "the Trainer."
+            )
 
     def write_back(self, params, extra) -> Any:
         import torch
