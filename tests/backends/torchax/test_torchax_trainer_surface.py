@@ -39,3 +39,22 @@ def test_torchax_checkpoints_have_model_files_and_metrics_see_torch_tensors(tmp_
         np.testing.assert_allclose(value.detach().numpy(), trained[name].detach().numpy(), atol=1e-6)
     assert trainer.evaluate()["eval_n"] == 8 * 16
     assert seen and all(kind is torch.Tensor for pair in seen for kind in pair)
+
+
+def test_optimizer_groups_are_the_decay_split_over_the_users_parameters(tmp_path):
+    model = tiny_gpt2()
+    args = xtrainer.TrainingArguments(str(tmp_path), backend="jax", learning_rate=3e-4, report_to="none")
+    trainer = xtrainer.Trainer(model=model, args=args)
+    with pytest.raises(ValueError, match="optimizer is None"):
+        trainer.get_optimizer_group()
+    trainer.create_optimizer()
+    decay, no_decay = trainer.get_optimizer_group()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay} == set(trainer.get_decay_parameter_names(model))
+    assert all(n.endswith("bias") or ".ln_" in n for n in (names[id(p)] for p in no_decay))
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    assert trainer.get_optimizer_group(weight)["weight_decay"] == args.weight_decay
+    assert trainer.get_optimizer_group(model.transformer.h[0].mlp.c_fc.bias)["weight_decay"] == 0.0
+    trainer.create_scheduler(num_training_steps=10, optimizer=trainer.optimizer)
+    assert trainer.get_learning_rates() == [pytest.approx(3e-4 * trainer.lr_scheduler.multiplier(0))] * 2

@@ -232,7 +232,8 @@ class JaxBackend:
         if self.hooks.overrides("get_decay_parameter_names"):
             names = set(self.hooks.get_decay_parameter_names(model))
             mask = jax.tree_util.tree_map_with_path(lambda path, _: _path_str(path) in names, self.adapter.params)
-        return build_optimizer(self.args, self.hooks.explicit_optimizer_cls_and_kwargs, mask=mask)
+        self._built_optimizer = build_optimizer(self.args, self.hooks.explicit_optimizer_cls_and_kwargs, mask=mask)
+        return self._built_optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any) -> LrSchedule:
         args = self.args
@@ -370,13 +371,36 @@ class JaxBackend:
             jax.distributed.shutdown()
 
     def learning_rates(self, optimizer) -> list[float]:
-        return [self._learning_rate_at(self._host_step)]
+        return [self._learning_rate_at(self._host_step)] * len(self._parameter_groups(optimizer))
 
     def optimizer_group(self, optimizer, param=None):
-        """optax has no parameter groups: one group holding every parameter and the current rate."""
-        group = {"params": self.params, "lr": self._learning_rate_at(self._host_step),
-                 "weight_decay": self.args.weight_decay}
-        return group if param is not None else [group["params"]]
+        """The weight-decay split the optax mask applies, shown as transformers' two parameter groups (decay,
+        no decay) with the current rate. Their `params` are the user's objects: the torch module's
+        Parameters for a torch model, the arrays for a Flax model. A user's own optax optimizer is one group."""
+        groups = self._parameter_groups(optimizer)
+        if param is None:
+            return [group["params"] for group in groups]
+        for group in groups:
+            if any(param is p for p in group["params"]):
+                return group
+        return None
+
+    def _parameter_groups(self, optimizer) -> list[dict]:
+        ours = optimizer is not None and optimizer is getattr(self, "_built_optimizer", None)
+        decays = set(self.decay_parameter_names(self.model) if not self.hooks.overrides("get_decay_parameter_names")
+                     else self.hooks.get_decay_parameter_names(self.model))
+        flat = jax.tree_util.tree_flatten_with_path(self.params)[0]
+        if self.adapter.kind == "torchax":
+            module = self.adapter.user_model
+            named = [(_path_str(path), module.get_parameter(_path_str(path))) for path, _ in flat]
+        else:
+            named = [(_path_str(path), value) for path, value in flat]
+        lr = self._learning_rate_at(self._host_step)
+        if not ours:
+            return [{"params": [p for _, p in named], "lr": lr}]
+        groups = [{"params": [p for n, p in named if n in decays], "weight_decay": self.args.weight_decay, "lr": lr},
+                  {"params": [p for n, p in named if n not in decays], "weight_decay": 0.0, "lr": lr}]
+        return [group for group in groups if group["params"]]
 
     # ------------------------------------------------------------------ the Trainer's default hooks
 
