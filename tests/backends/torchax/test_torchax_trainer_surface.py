@@ -58,3 +58,28 @@ def test_optimizer_groups_are_the_decay_split_over_the_users_parameters(tmp_path
     assert trainer.get_optimizer_group(model.transformer.h[0].mlp.c_fc.bias)["weight_decay"] == 0.0
     trainer.create_scheduler(num_training_steps=10, optimizer=trainer.optimizer)
     assert trainer.get_learning_rates() == [pytest.approx(3e-4 * trainer.lr_scheduler.multiplier(0))] * 2
+
+
+class _PlainClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(10, 2)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.linear(input_ids)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_a_plain_torch_module_is_saved_as_model_safetensors_in_checkpoints_and_save_model(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    data = [{"input_ids": torch.rand(10), "labels": int(i % 2)} for i in range(16)]
+    args = xtrainer.TrainingArguments(str(tmp_path), backend="jax", per_device_train_batch_size=1, max_steps=2,
+                                      save_steps=2, report_to="none", disable_tqdm=True)
+    trainer = xtrainer.Trainer(model=_PlainClassifier(), args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "export"))
+    for directory in (tmp_path / "checkpoint-2", tmp_path / "export"):
+        weights = load_file(str(directory / "model.safetensors"))
+        torch.testing.assert_close(weights["linear.weight"], trainer.model.linear.weight.detach(), rtol=0, atol=0)

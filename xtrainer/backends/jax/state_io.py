@@ -177,7 +177,15 @@ def export_params(adapter, params, extra, directory: str) -> list[str]:
     os.makedirs(directory, exist_ok=True)
     written = []
     model = adapter.write_back(params, extra)
-    exporter = getattr(model, "save_pretrained", None)  # a torch (transformers) module
+    if adapter.kind == "torchax":
+        # A torch module is written as the torch backend writes it: save_pretrained for a transformers model,
+        # else its state_dict as model.safetensors (what transformers' Trainer writes for a plain nn.Module).
+        from ..torch.state_io import write_model_weights
+
+        before = set(os.listdir(directory))
+        write_model_weights(model, directory)
+        return sorted(set(os.listdir(directory)) - before)
+    exporter = getattr(model, "save_pretrained", None)
     if not callable(exporter) and type(model).__module__.startswith("xtrainer.models"):
         from ...models import save_pretrained  # reference models: transformers' format
 
@@ -185,8 +193,6 @@ def export_params(adapter, params, extra, directory: str) -> list[str]:
     if callable(exporter):
         exporter(directory)
         written += ["config.json", "model.safetensors"]
-    if adapter.kind == "torchax":  # a torch module: its own format is what save_pretrained wrote
-        return written
     host = jax.device_get(_pure(params))
     with open(os.path.join(directory, FLAX_WEIGHTS_NAME), "wb") as f:
         f.write(serialization.to_bytes(host))
