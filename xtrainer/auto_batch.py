@@ -13,9 +13,9 @@ memory, and how much smaller the next try is, depends on the backend:
   largest that fits: the next try uses that one (planning/fit.py). A RESOURCE_EXHAUSTED while a step
   runs falls back to int(0.9 x batch).
 
-The found batch stays in `args.per_device_train_batch_size` (and in trainer_state.json's
-train_batch_size); resuming from a checkpoint with auto_find_batch_size starts from the checkpoint's
-batch size, as transformers does.
+The found batch is kept in `trainer._train_batch_size` (transformers' attribute, which the loop reads)
+and in trainer_state.json's train_batch_size; `args` is left as the user wrote it. Resuming from a
+checkpoint with auto_find_batch_size starts from the checkpoint's batch size, as transformers does.
 """
 
 from __future__ import annotations
@@ -67,24 +67,24 @@ def train_with_batch_search(trainer, run: Callable[[], Any], resume_dir: str | N
     """Runs `run()` (the training loop), restarting it with a smaller batch after out-of-memory errors."""
     args = trainer.args
     if not args.auto_find_batch_size:
+        trainer._train_batch_size = args.per_device_train_batch_size
         return run()
     _resume_batch_size(trainer, resume_dir)
     while True:
-        if args.per_device_train_batch_size <= 0:
+        if trainer._train_batch_size <= 0:
             raise RuntimeError("No executable batch size found, reached zero.")
-        trainer._train_batch_size = args.per_device_train_batch_size  # what the loop reads (transformers' name)
         try:
             return run()
         except Exception as exc:  # noqa: BLE001 - anything that is not out-of-memory is re-raised as it is
             if not is_out_of_memory(exc):
                 raise
-            current = args.per_device_train_batch_size
+            current = trainer._train_batch_size
             smaller = next_batch_size(exc, current)
             _release_memory(trainer)
             logger.warning(
                 "auto_find_batch_size: per_device_train_batch_size=%s ran out of device memory (%s); restarting "
                 "training with %s.", current, str(exc).splitlines()[0][:200], smaller)
-            args.per_device_train_batch_size = smaller
+            trainer._train_batch_size = smaller
 
 
 def _resume_batch_size(trainer, resume_dir: str | None) -> None:
@@ -101,7 +101,7 @@ def _resume_batch_size(trainer, resume_dir: str | None) -> None:
         return
     devices = max(1, trainer.backend.local_batch_devices)
     if saved and saved // devices >= 1:
-        trainer.args.per_device_train_batch_size = saved // devices
+        trainer._train_batch_size = saved // devices
 
 
 def _release_memory(trainer) -> None:

@@ -298,7 +298,7 @@ class Trainer:
         strategy = getattr(args.train_sampling_strategy, "value", args.train_sampling_strategy)
         seed = args.data_seed if args.data_seed is not None else args.seed
         lengths = None
-        group = args.per_device_train_batch_size * self.backend.local_batch_devices * self.backend.num_processes
+        group = self._train_batch_size * self.backend.local_batch_devices * self.backend.num_processes
         if strategy == "group_by_length":
             lengths = data.example_lengths(dataset, args.length_column_name)
         n = len(dataset)
@@ -309,7 +309,7 @@ class Trainer:
         args = self.args
         return {
             "examples": getattr(loader, "num_examples", None),
-            "global_batch_size": args.per_device_train_batch_size * self.backend.local_batch_devices * self.backend.num_processes,
+            "global_batch_size": self._train_batch_size * self.backend.local_batch_devices * self.backend.num_processes,
             "sampling": _value(args.train_sampling_strategy),
             "data_seed": args.data_seed if args.data_seed is not None else args.seed,
         }
@@ -317,7 +317,8 @@ class Trainer:
     def get_train_dataloader(self) -> DatasetLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset.")
-        return self._loader(self.train_dataset, self.args.per_device_train_batch_size, training=True)
+        # _train_batch_size: args.per_device_train_batch_size, or what auto_find_batch_size found (as in transformers).
+        return self._loader(self.train_dataset, self._train_batch_size, training=True)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DatasetLoader:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -409,7 +410,7 @@ class Trainer:
         dataset = getattr(dataloader, "dataset", None)
         if dataset is not None and data.has_length(dataset):
             return len(dataset)
-        return len(dataloader) * self.args.per_device_train_batch_size
+        return len(dataloader) * self._train_batch_size
 
     def _train_loop(self, resume_dir, trial, ignore_keys_for_eval) -> TrainOutput:
         args, backend = self.args, self.backend

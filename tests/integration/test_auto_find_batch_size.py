@@ -59,8 +59,24 @@ def test_torch_restarts_from_the_start_with_a_smaller_batch(tmp_path):
     # 16 -> 14 -> 12 -> 10 -> 9 -> 8 (x0.9 each time), then two steps of 8 rows.
     assert seen == [16, 14, 12, 10, 9, 8, 8]
     assert output.global_step == 2
-    assert trainer.args.per_device_train_batch_size == 8 and trainer.state.train_batch_size == 8
+    # As in transformers: the found batch is the Trainer's, the arguments stay as written.
+    assert trainer._train_batch_size == 8 and trainer.state.train_batch_size == 8
+    assert trainer.args.per_device_train_batch_size == 16
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2]
+
+
+def test_resume_starts_from_the_checkpoints_batch_and_a_new_trainer_from_the_arguments(tmp_path):
+    args = xtrainer.TrainingArguments(str(tmp_path), backend="torch", per_device_train_batch_size=16,
+                                      **{**COMMON, "save_strategy": "steps", "save_steps": 1})
+    first = xtrainer.Trainer(model=RegressionModel(), args=args, train_dataset=regression_data(128))
+    _record_rows(first, 14, lambda: torch.OutOfMemoryError("CUDA out of memory."))
+    first.train()
+    assert first._train_batch_size == 14
+    second = xtrainer.Trainer(model=RegressionModel(), args=args, train_dataset=regression_data(128))
+    assert second._train_batch_size == 16  # the shared arguments were not changed by the first search
+    seen = _record_rows(second, 0, lambda: torch.OutOfMemoryError("unused"))
+    second.train(resume_from_checkpoint=True)
+    assert second._train_batch_size == 14 and set(seen) <= {14}
 
 
 def test_other_errors_are_not_retried(tmp_path):
@@ -69,7 +85,7 @@ def test_other_errors_are_not_retried(tmp_path):
     _record_rows(trainer, 0, lambda: ValueError("a bug, not memory"))
     with pytest.raises(ValueError, match="a bug"):
         trainer.train()
-    assert trainer.args.per_device_train_batch_size == 4
+    assert trainer._train_batch_size == 4 == trainer.args.per_device_train_batch_size
 
 
 def test_no_batch_fits(tmp_path):
@@ -120,7 +136,7 @@ def test_jax_plans_the_largest_batch_that_fits(tmp_path, monkeypatch):
     assert needs[5] > needs[4]
     monkeypatch.setenv("XTRAINER_DEVICE_MEMORY_BYTES", str((needs[4] + needs[5]) // 2))
     trainer.train()
-    assert trainer.args.per_device_train_batch_size == 4
+    assert trainer._train_batch_size == 4 and trainer.args.per_device_train_batch_size == 6
     assert trainer.state.global_step == 2 and trainer.state.train_batch_size == 4 * backend.local_batch_devices
     assert all(np.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
@@ -136,4 +152,4 @@ def test_torch_xla_restarts_after_resource_exhausted(tmp_path):
         "Bad StatusOr access: RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm."))
     trainer.train()
     assert seen == [4, 3, 2, 2]
-    assert trainer.args.per_device_train_batch_size == 2
+    assert trainer._train_batch_size == 2 and trainer.args.per_device_train_batch_size == 4
