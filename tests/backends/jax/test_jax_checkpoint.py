@@ -149,3 +149,19 @@ def test_export_writes_flax_weights(tmp_path):
     blob = (tmp_path / "export" / "flax_model.msgpack").read_bytes()
     restored = serialization.msgpack_restore(blob)
     assert np.allclose(restored["l1"]["kernel"], np.asarray(trainer.model.l1.kernel.value))
+
+
+def test_zero_size_arrays_are_saved_and_restored(tmp_path):
+    """orbax refuses to write zero-size arrays (a torch module's empty buffer, for one); they round-trip."""
+    import jax
+    import jax.numpy as jnp
+
+    from xtrainer.backends.jax import state_io
+
+    state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "extra": {"empty": jnp.zeros((0,), jnp.int32)},
+             "nothing": None, "step": jnp.asarray(3)}
+    state_io.save_state(state, str(tmp_path))
+    restored = state_io.restore_state(jax.tree.map(jnp.zeros_like, state), str(tmp_path))
+    assert restored["extra"]["empty"].shape == (0,) and restored["extra"]["empty"].dtype == jnp.int32
+    assert restored["nothing"] is None and int(restored["step"]) == 3
+    assert (restored["params"]["w"] == state["params"]["w"]).all()

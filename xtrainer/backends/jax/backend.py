@@ -149,7 +149,19 @@ class JaxBackend:
                 f"{self.num_processes} processes; change args.mesh."
             )
         self.local_batch_devices = self.mesh_config.batch_devices // self.num_processes
-        rules = parse_sharding_rules(args.sharding_rules)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._scalar_cache = {}
+        self._single_default_device = self.mesh.devices.size == 1 and self.mesh.devices.flat[0] == jax.devices()[0]
+        self._place_params()
+        self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
+        self._host_step = 0
+        self._metric_schedule = None  # reduce_lr_on_plateau / greedy state, fed by evaluation metrics
+        self.lr_schedule = None  # the run's schedule, set by init_state
+        return model
+
+    def _place_params(self) -> None:
+        """Shards the adapter's trainable parameters by the mesh and sharding rules; other state is replicated."""
+        rules = parse_sharding_rules(self.args.sharding_rules)
         logical = self.adapter.logical_axes()
         self.param_shardings = jax.tree_util.tree_map_with_path(
             lambda path, x: NamedSharding(
@@ -159,16 +171,8 @@ class JaxBackend:
             ),
             self.adapter.params,
         )
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self._scalar_cache = {}
-        self._single_default_device = self.mesh.devices.size == 1 and self.mesh.devices.flat[0] == jax.devices()[0]
         self.params = self._globalize(self.adapter.params, self.param_shardings)
         self.extra = self._globalize(self.adapter.extra, self.replicated)
-        self.compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float16 if args.fp16 else None
-        self._host_step = 0
-        self._metric_schedule = None  # reduce_lr_on_plateau / greedy state, fed by evaluation metrics
-        self.lr_schedule = None  # the run's schedule, set by init_state
-        return model
 
     def model_input_names(self) -> list[str] | None:
         return self.adapter.input_names
@@ -271,9 +275,11 @@ class JaxBackend:
             raise TypeError(
                 f"backend='jax' needs the lr scheduler to be a callable step -> learning rate; got {type(scheduler).__name__}."
             )
-        check_trainable = getattr(self.adapter, "check_trainable_set", None)
-        if check_trainable is not None:
-            check_trainable()
+        relift = getattr(self.adapter, "relift_if_trainable_set_changed", None)
+        if relift is not None and relift():
+            # A torch layer frozen (or unfrozen) after Trainer(...): the step differentiates the new set, as
+            # torch's optimizer, built in train(), would see it.
+            self._place_params()
         self.tx, self.lr_schedule = optimizer, scheduler
         self._metric_schedule = getattr(scheduler, "metric_state", None)
         opt_state = self._init_opt_state(self.params)

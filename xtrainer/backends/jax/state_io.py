@@ -8,9 +8,11 @@ checkpoint written on one mesh restores onto another.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ...checkpoint import writing
@@ -44,7 +46,7 @@ def start_save(state: dict, directory: str, *, barrier_sync_fn=None, timeout_s: 
     path = os.path.abspath(os.path.join(directory, STATE_DIR))
     try:
         with writing(path):
-            checkpointer.save(path, state)
+            checkpointer.save(path, _empty_arrays_as_none(state))
     except BaseException:
         checkpointer.close()
         raise
@@ -71,10 +73,12 @@ def restore_state(state: dict, directory: str) -> dict:
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x, state
     )
+    leaves, treedef = jax.tree.flatten(target)
+    target = treedef.unflatten([None if _is_empty(x) else x for x in leaves])
     checkpointer = ocp.StandardCheckpointer()
     try:
         try:
-            restored = checkpointer.restore(path, target)
+            restored = _refill_empty_arrays(checkpointer.restore(path, target), leaves, treedef)
         except Exception:
             legacy = _variable_layout_target(checkpointer, path, target)
             if legacy is None:
@@ -86,6 +90,28 @@ def restore_state(state: dict, directory: str) -> dict:
     finally:
         checkpointer.close()
     return restored
+
+
+def _is_empty(x) -> bool:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and math.prod(x.shape) == 0
+
+
+def _empty_arrays_as_none(state):
+    """Zero-size arrays (an empty buffer of a torch module) as None: orbax refuses to write them, and they
+    hold nothing but their shape, which the restore target brings back."""
+    leaves, treedef = jax.tree.flatten(state)
+    return treedef.unflatten([None if _is_empty(x) else x for x in leaves])
+
+
+def _refill_empty_arrays(restored, target_leaves, treedef):
+    """The restored tree with each zero-size leaf of the target made again (empty, with its sharding)."""
+    got = treedef.flatten_up_to(restored)  # None where the target had a zero-size leaf
+    filled = [
+        jax.device_put(jnp.zeros(t.shape, t.dtype), t.sharding) if _is_empty(t) and t.sharding is not None
+        else jnp.zeros(t.shape, t.dtype) if _is_empty(t) else value
+        for value, t in zip(got, target_leaves)
+    ]
+    return treedef.unflatten(filled)
 
 
 def _variable_layout_target(checkpointer, path: str, target):

@@ -153,22 +153,17 @@ class TorchaxAdapter:
         """Counted on the torch module now, as transformers does (a layer frozen after Trainer(...) included)."""
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
-    def check_trainable_set(self) -> None:
-        """The step differentiates the parameters that were trainable when the model was lifted; a
-        requires_grad changed since then would be silently ignored, so it is refused."""
+    def relift_if_trainable_set_changed(self) -> bool:
+        """Lifts the module again when requires_grad changed since it was lifted (a layer frozen after
+        Trainer(...), as transformers scripts do before train()); returns whether it did. The weights are
+        the module's current ones: nothing has trained them since, or finalize wrote them back."""
         # Compared by tensor identity: tied parameters have several names, and either may be the one kept.
-        names = {id(p): name for name, p in self.module.named_parameters()}
         now = {id(p) for p in self.module.parameters() if p.requires_grad}
         lifted = {id(self.module.get_parameter(name)) for name in self.params}
-        if now != lifted:
-            frozen = sorted(names.get(i, "?") for i in lifted - now)
-            unfrozen = sorted(names.get(i, "?") for i in now - lifted)
-            raise ValueError(
-                "requires_grad changed on the torch model after Trainer(...) was built "
-                f"(frozen since: {frozen[:5]}; unfrozen since: {unfrozen[:5]}). On backend='jax' the trainable "
-                "parameters are fixed when the Trainer lifts the model: set requires_grad before constructing "
-                "the Trainer."
-            )
+        if now == lifted:
+            return False
+        self.params, self.extra = self.read_params()
+        return True
 
     def write_back(self, params, extra) -> Any:
         import torch
