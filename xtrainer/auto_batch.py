@@ -104,6 +104,17 @@ def _resume_batch_size(trainer, resume_dir: str | None) -> None:
         trainer._train_batch_size = saved // devices
 
 
+def _lift_again(backend) -> bool:
+    """A torch module (through torchax) still holds its weights as torch tensors: the next attempt starts from
+    them (donation consumed only their jax copies). A Flax model's arrays were the donated ones: False."""
+    read = getattr(backend.adapter, "read_params", None)
+    if backend.adapter.kind != "torchax" or read is None:
+        return False
+    backend.adapter.params, backend.adapter.extra = read()
+    backend._place_params()
+    return True
+
+
 def _release_memory(trainer) -> None:
     """Drops the failed attempt's device state so the next attempt has the memory (accelerate's release_memory)."""
     backend = trainer.backend
@@ -111,7 +122,7 @@ def _release_memory(trainer) -> None:
     if params is not None:  # JAX: a step that failed while running has consumed its donated state
         import jax
 
-        if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(params)):
+        if any(getattr(leaf, "is_deleted", lambda: False)() for leaf in jax.tree.leaves(params)) and not _lift_again(backend):
             raise RuntimeError(
                 "auto_find_batch_size: a train step ran out of memory after the weights were donated to it, so "
                 "training cannot restart from them. Restart the run with a smaller per_device_train_batch_size.")

@@ -83,3 +83,43 @@ def test_a_plain_torch_module_is_saved_as_model_safetensors_in_checkpoints_and_s
     for directory in (tmp_path / "checkpoint-2", tmp_path / "export"):
         weights = load_file(str(directory / "model.safetensors"))
         torch.testing.assert_close(weights["linear.weight"], trainer.model.linear.weight.detach(), rtol=0, atol=0)
+
+
+class _OutOfMemoryAtBatchAbove(xtrainer.TrainerCallback):
+    """Raises an out-of-memory error after a step whose batch exceeded `limit` rows (the step's inputs were
+    donated by then)."""
+
+    def __init__(self, trainer_ref, limit):
+        self.trainer_ref, self.limit = trainer_ref, limit
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer_ref[0]._train_batch_size > self.limit:
+            raise RuntimeError("CUDA out of memory.")
+
+
+def test_auto_find_batch_size_restarts_a_torch_module_after_its_step_donated_the_weights(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    data = [{"input_ids": torch.rand(10), "labels": int(i % 2)} for i in range(64)]
+    model = _PlainClassifier()
+    initial = copy.deepcopy(model)
+
+    def run(m, out, callbacks=(), **kw):
+        args = xtrainer.TrainingArguments(str(out), backend="jax", max_steps=2, save_strategy="no", report_to="none",
+                                          disable_tqdm=True, learning_rate=0.1, train_sampling_strategy="sequential",
+                                          **kw)
+        trainer = xtrainer.Trainer(model=m, args=args, train_dataset=data, callbacks=list(callbacks))
+        return trainer
+
+    ref = []
+    searched = run(model, tmp_path / "a", [_OutOfMemoryAtBatchAbove(ref, 1)], per_device_train_batch_size=2,
+                   auto_find_batch_size=True)
+    ref.append(searched)
+    searched.train()
+    assert searched._train_batch_size == 1 and searched.state.global_step == 2
+    # The second attempt started from the module's own weights, not from the weights of the failed attempt's step.
+    direct = run(initial, tmp_path / "b", per_device_train_batch_size=1)
+    direct.train()
+    torch.testing.assert_close(searched.model.linear.weight, direct.model.linear.weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(searched.model.linear.bias, direct.model.linear.bias, rtol=1e-6, atol=1e-6)
