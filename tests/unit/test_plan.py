@@ -180,9 +180,28 @@ def test_largest_fitting_batch_doubles_then_bisects():
     assert largest_fitting_batch(lambda b: (_ for _ in ()).throw(StepDoesNotFit("no")), 4) == (0, None)
 
 
+# Known gaps, found by scripts/plan_presets.py (tpu_configs/plans/): strict, so a fix shows up as XPASS.
+_FLOPS_ABOVE_BOUND = ("the compiled step counts 1.86-1.95x the model's FLOPs on this preset, against 1.25x on the "
+                      "others with full remat; these are the presets whose step holds collective-permute loops, "
+                      "so hlo_stats' trip counts for them are suspect (not resolved yet)")
+_KNOWN_GAPS = {
+    "v4-32": _FLOPS_ABOVE_BOUND,
+    "v5litepod-8": _FLOPS_ABOVE_BOUND,
+    "v5litepod-16": _FLOPS_ABOVE_BOUND,
+    "v6e-8": _FLOPS_ABOVE_BOUND,
+    "v5litepod-256": "Llama2-13B at 2 x 2048 per device does not fit on v5litepod-256 (the TPU compiler refuses it); "
+                     "the preset's plan needs another batch or mesh",
+}
+
+
+def _preset_params():
+    return [pytest.param(name, marks=pytest.mark.xfail(reason=_KNOWN_GAPS[name], strict=True))
+            if name in _KNOWN_GAPS else name for name in sorted(PRESET_PLANS)]
+
+
 @needs_libtpu
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", sorted(PRESET_PLANS))
+@pytest.mark.parametrize("preset", _preset_params())
 def test_every_preset_fits_its_reference_model(preset, tmp_path):
     choice = PRESET_PLANS[preset]
     model = abstract_llama(choice.model, remat_policy=choice.remat_policy)
