@@ -37,7 +37,10 @@ def _args(tmp_path, **kw):
 
 
 def test_every_save_pushes_the_model_and_push_to_hub_adds_the_card(tmp_path, hub):
-    trainer = xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path), train_dataset=regression_data(32))
+    # hub_always_push: a save pushes even while the previous upload runs; without it a slow upload makes the
+    # next save skip its push (transformers' rule), and which saves push would depend on the machine's load.
+    trainer = xtrainer.Trainer(model=RegressionModel(), args=_args(tmp_path, hub_always_push=True),
+                               train_dataset=regression_data(32))
     assert trainer.hub_model_id == "me/tiny" and "me/tiny" in hub.repos  # created at Trainer(...)
     trainer.train()
     commits = hub.repos["me/tiny"]["commits"]

@@ -105,3 +105,45 @@ def test_a_compiled_scan_on_cpu_counts_every_iteration():
     # Forward and two backward matmuls per layer; XLA's own cost analysis counts the loop body once.
     assert stats.flops == layers * 3 * 2 * rows * width * width
     assert compiled.cost_analysis()["flops"] < stats.flops / 2
+
+
+# XLA:TPU's windowed-einsum loops: the counter is tuple element 2, the condition compares it with 8, and the
+# body (unrolled by two) uses counter + 1 for its second chunk but puts counter + 2 back: 4 iterations.
+WINDOWED = """HloModule w, is_scheduled=true
+
+%wbody (wp: (bf16[8,16], bf16[16,32], u32[])) -> (bf16[8,16], bf16[16,32], u32[]) {
+  %wp = (bf16[8,16]{1,0}, bf16[16,32]{1,0}, u32[]) parameter(0)
+  %x = bf16[8,16]{1,0} get-tuple-element(%wp), index=0
+  %w = bf16[16,32]{1,0} get-tuple-element(%wp), index=1
+  %k = u32[] get-tuple-element(%wp), index=2
+  %one = u32[] constant(1)
+  %two = u32[] constant(2)
+  %second = u32[] add(%k, %one)
+  %d1 = bf16[8,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %d2 = bf16[8,32]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %next = u32[] add(%k, %two)
+  ROOT %wt = (bf16[8,16]{1,0}, bf16[16,32]{1,0}, u32[]) tuple(%x, %w, %next)
+}
+
+%wcond (wc: (bf16[8,16], bf16[16,32], u32[])) -> pred[] {
+  %wc = (bf16[8,16]{1,0}, bf16[16,32]{1,0}, u32[]) parameter(0)
+  %i = u32[] get-tuple-element(%wc), index=2
+  %n = u32[] constant(8)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[8,16], b: bf16[16,32]) -> bf16[8,16] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %b = bf16[16,32]{1,0} parameter(1)
+  %zero = u32[] constant(0)
+  %init = (bf16[8,16]{1,0}, bf16[16,32]{1,0}, u32[]) tuple(%a, %b, %zero)
+  %loop = (bf16[8,16]{1,0}, bf16[16,32]{1,0}, u32[]) while(%init), condition=%wcond, body=%wbody
+  ROOT %r = bf16[8,16]{1,0} get-tuple-element(%loop), index=0
+}
+"""
+
+
+def test_a_loop_counter_elsewhere_in_the_tuple_with_a_step_of_two():
+    stats = analyze(WINDOWED)
+    assert stats.loops == [("loop", 4)]
+    assert stats.flops == 4 * 2 * (2 * 8 * 32 * 16)

@@ -254,7 +254,12 @@ def _collective_kind(instruction: Instruction) -> str | None:
 
 
 def _trip_count(loop: Instruction, computations, by_name) -> int:
-    """A while loop's trip count from `counter < bound` in its condition, the initial counter and its step."""
+    """A while loop's trip count from `counter < bound` in its condition, the counter's initial value and
+    the step the body adds to it.
+
+    The counter is the tuple element the condition compares (not always element 0: XLA:TPU's windowed
+    einsum loops keep it further down), and its step is what the body's ROOT tuple puts back in that
+    element (those loops are unrolled by two and add 2)."""
     condition = re.search(r"condition=%([\w.\-]+)", loop.attrs)
     body = re.search(r"body=%([\w.\-]+)", loop.attrs)
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attrs)
@@ -263,36 +268,49 @@ def _trip_count(loop: Instruction, computations, by_name) -> int:
     if condition is None:
         return 1
 
-    def constant(name):
-        seen = 0
-        instruction = by_name.get(name)
+    def through_copies(name):
+        instruction, seen = by_name.get(name), 0
         while instruction is not None and instruction.op in ("copy", "bitcast", "convert") and seen < 8:
             instruction = by_name.get(instruction.operands[0]) if instruction.operands else None
             seen += 1
+        return instruction
+
+    def constant(name):
+        instruction = through_copies(name)
         return instruction.constant if instruction is not None and instruction.op == "constant" else None
 
-    bound, direction = None, "LT"
+    def tuple_index(name):
+        instruction = through_copies(name)
+        if instruction is None or instruction.op != "get-tuple-element":
+            return None
+        found = re.search(r"index=(\d+)", instruction.attrs)
+        return int(found.group(1)) if found else None
+
+    bound, direction, counter = None, "LT", 0
     for instruction in computations.get(condition.group(1), []):
         if instruction.op == "compare" and len(instruction.operands) == 2:
             found = re.search(r"direction=(\w+)", instruction.attrs)
             direction = found.group(1) if found else "LT"
             bound = constant(instruction.operands[1])
+            index = tuple_index(instruction.operands[0])
+            counter = index if index is not None else 0
     if bound is None:
         return 1
     start = 0
     init = by_name.get(loop.operands[0]) if loop.operands else None
-    if init is not None and init.op == "tuple" and init.operands:
-        value = constant(init.operands[0])
+    if init is not None and init.op == "tuple" and len(init.operands) > counter:
+        value = constant(init.operands[counter])
         start = value if value is not None else 0
     step = 1
-    for instruction in computations.get(body.group(1) if body else "", []):
-        if instruction.op == "add" and len(instruction.operands) == 2:
-            first = by_name.get(instruction.operands[0])
-            if first is not None and first.op == "get-tuple-element" and re.search(r"index=0\b", first.attrs):
-                value = constant(instruction.operands[1])
-                if value:
-                    step = value
-                    break
+    body_instructions = computations.get(body.group(1) if body else "", [])
+    root = next((i for i in body_instructions if i.root), None)
+    update = through_copies(root.operands[counter]) if root is not None and root.op == "tuple" and len(
+        root.operands) > counter else None
+    if update is not None and update.op == "add" and len(update.operands) == 2:
+        for mine, other in (update.operands, update.operands[::-1]):
+            if tuple_index(mine) == counter and constant(other):
+                step = constant(other)
+                break
     span = bound - start + (1 if direction == "LE" else 0)
     return max(1, -(-span // max(step, 1)))
 
