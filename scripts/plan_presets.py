@@ -102,7 +102,8 @@ def render(results: dict[str, dict]) -> str:
     lines += [_row(name, results[name]) for name in PRESET_PLANS if name in results]
     missing = [name for name in PRESET_PLANS if name not in results]
     if missing:
-        lines += ["", "Not planned yet: " + ", ".join(missing) + "."]
+        lines += ["", "No saved plan (not planned yet, or the plan failed; a step the TPU compiler finds too big for "
+                  "the chip is listed in tests/unit/test_plan.py's known gaps): " + ", ".join(missing) + "."]
     lines += ["", "Why each model:", ""]
     lines += [f"- {name}: {results[name]['why']}." for name in PRESET_PLANS if name in results]
     lines += ["", END]
