@@ -90,11 +90,9 @@ class TorchaxAdapter:
         self.module = module
         # JittableModule keeps one name per tied parameter (e.g. GPT-2's lm_head / wte), and
         # functional_call re-inflates the aliases, so ties survive the round trip.
-        self.jittable = interop.JittableModule(module)
         # JittableModule puts parameters with requires_grad=False among the buffers: a frozen layer is
         # state the step neither differentiates nor updates, as torch's optimizer never sees it.
-        self.params = {name: _to_jax(p) for name, p in self.jittable.params.items()}
-        self.extra = {name: _to_jax(b) for name, b in self.jittable.buffers.items()}
+        self.params, self.extra = self.read_params()
         signature = inspect.signature(module.forward)
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
         self.input_names = None if var_kw else list(signature.parameters)
